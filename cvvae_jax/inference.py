@@ -1,0 +1,218 @@
+"""Encode videos to diffusion latents and decode them back, at any length and frame size.
+
+Pure, jittable functions for JAX diffusion code (latents are *scaled*: `(z - shift_factor) * scaling_factor`):
+
+    from cvvae_jax import inference
+    z = inference.encode(vae, params, video)                 # [B, 1+4k, H, W, 3] in [-1, 1] -> [B, 1+k, H/8, W/8, C]
+    z = inference.encode(vae, params, video, rng=key)        # a posterior sample instead of the mean
+    video = inference.decode(vae, params, z)                 # -> [B, 1+4k, 8h, 8w, 3] (not clipped)
+    frames = inference.decode(vae, params, z, image_mode=True)  # each latent frame decoded as an image (1:1 frames)
+    step = jax.jit(inference.decode, static_argnames=("model", "tiling", "image_mode", "dtype"))
+
+`tiling` (a `tiling.TilingConfig`) switches chunking and tiling: the default (TILED, 17-frame chunks, 576-pixel
+tiles) changes nothing for inputs that fit in one chunk and one tile; `TilingConfig(mode="original")` reproduces the
+original code's latents; `TilingConfig(mode="exact")` never splits a video. `dtype=jnp.bfloat16` computes in bf16
+with float32 parameters. Under a mesh, shard the batch axis of the input (`jax.jit(..., in_shardings=...)`).
+
+For long or large videos from the host, `encode_streaming` / `decode_streaming` run the same plan chunk by chunk
+(numpy in, numpy out, one compilation reused for every video length).
+
+Models: `CVVAE` (video mode: 1+4k frames <-> 1+k latents; image mode: frame by frame) and `ImageVAE` (always frame by
+frame; 4D inputs are a batch of images).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cvvae_jax import tiling as tiling_lib
+from cvvae_jax.distributions import DiagonalGaussian
+from cvvae_jax.sd_vae import ImageVAE
+from cvvae_jax.vae3d import CVVAE
+from cvvae_jax.tiling import Mode, TilingConfig
+
+__all__ = ["TilingConfig", "Mode", "encode", "decode", "encode_posterior", "encode_streaming", "decode_streaming",
+           "posterior_streaming", "with_dtype", "Coder"]
+
+DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+
+
+def with_dtype(model: nn.Module, dtype: Any = None) -> nn.Module:
+  """The model computing in `dtype` ("float32", "bfloat16", a jnp dtype, or None: unchanged); params stay float32."""
+  if dtype is None:
+    return model
+  if isinstance(dtype, str):
+    if dtype not in DTYPES:
+      raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    dtype = DTYPES[dtype]
+  return model.clone(dtype=dtype) if model.dtype != dtype else model
+
+
+def _check_model(model) -> None:
+  if not isinstance(model, (CVVAE, ImageVAE)):
+    raise TypeError(f"expected a CVVAE or ImageVAE, got {type(model).__name__}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Coder:
+  """A model's encoder or decoder as a function of 5D chunks, `fn(params, x)`, with its `Geometry` (hashable).
+
+  Encoders return moments `[..., 2C]` (mean, then log-variance), so that tiles of both are blended alike.
+  Video mode (CVVAE): `[B, 1+4m, H, W, 3] <-> [B, 1+m, h, w, C]`. Image mode: every frame on its own,
+  `[B, t, H, W, 3] <-> [B, t, h, w, C]`.
+  """
+
+  model: nn.Module
+  encoder: bool
+  image_mode: bool
+
+  def __post_init__(self):
+    _check_model(self.model)
+    if isinstance(self.model, ImageVAE) and not self.image_mode:
+      raise ValueError("the image VAE has no video mode; use image_mode=True (frames are coded one by one)")
+
+  @property
+  def geometry(self) -> tiling_lib.Geometry:
+    sc = self.model.spatial_compression
+    if self.image_mode:
+      return tiling_lib.Geometry.image_encoder(sc) if self.encoder else tiling_lib.Geometry.image_decoder(sc)
+    tc = self.model.temporal_compression
+    return tiling_lib.Geometry.video_encoder(tc, sc) if self.encoder else tiling_lib.Geometry.video_decoder(tc, sc)
+
+  def __call__(self, params, x: jax.Array) -> jax.Array:
+    variables = {"params": params}
+    b, t = x.shape[:2]
+    if self.image_mode:
+      frames = x.reshape(b * t, *x.shape[2:])
+      if isinstance(self.model, CVVAE):
+        frames = frames[:, None]
+      y = self._run(variables, frames)
+      return y.reshape(b, t, *y.shape[-3:])
+    return self._run(variables, x)
+
+  def _run(self, variables, x):
+    if self.encoder:
+      posterior = self.model.apply(variables, x, method="encode")
+      return jnp.concatenate([posterior.mean, posterior.logvar], axis=-1)
+    return self.model.apply(variables, x, method="decode")
+
+
+def _as_5d(x, image_mode: bool, what: str, channels: int):
+  """-> (5D array, whether the input was a 4D batch of images)."""
+  if x.ndim == 4 and image_mode:
+    return x[:, None], True
+  if x.ndim != 5:
+    raise ValueError(f"expected {what} [B, T, H, W, {channels}]" + (" or [B, H, W, C] in image mode" if image_mode
+                                                                      else "") + f", got shape {x.shape}")
+  if x.shape[-1] != channels:
+    raise ValueError(f"expected {what} with {channels} channels in the last axis, got shape {x.shape}")
+  return x, False
+
+
+def _image_mode(model, image_mode: bool) -> bool:
+  return True if isinstance(model, ImageVAE) else image_mode
+
+
+def _prepare(model, params, x, tiling, image_mode, encoder, dtype):
+  _check_model(model)
+  model = with_dtype(model, dtype)
+  channels = model.in_channels if encoder else model.latent_channels
+  image_mode = _image_mode(model, image_mode) or x.ndim == 4  # a 4D input is a batch of images
+  x5, was_4d = _as_5d(x, image_mode, "video" if encoder else "latents", channels)
+  coder = Coder(model, encoder, image_mode)
+  tiling = TilingConfig() if tiling is None else tiling
+  plan = tiling_lib.make_plan(tiling, coder.geometry, x5.shape)
+  return coder, plan, x5, was_4d
+
+
+def encode_posterior(model, params, video, *, tiling: TilingConfig | None = None, image_mode: bool = False,
+                     dtype: Any = None) -> DiagonalGaussian:
+  """The (unscaled) posterior of a tiled/chunked encode. Pure and jittable (model, tiling, image_mode, dtype static).
+
+  Args:
+    video: `[B, 1+4k, H, W, 3]` in [-1, 1]; image mode (or the image VAE): `[B, T, H, W, 3]` or images `[B, H, W, 3]`.
+  Returns:
+    DiagonalGaussian over `[B, 1+k, H/8, W/8, C]` (image mode: `[B, T, h, w, C]`, or `[B, h, w, C]` for 4D input).
+  """
+  coder, plan, x5, was_4d = _prepare(model, params, video, tiling, image_mode, True, dtype)
+  moments = tiling_lib.apply(coder, params, x5, plan, coder.geometry)
+  if was_4d:
+    moments = moments[:, 0]
+  return DiagonalGaussian.from_moments(moments)
+
+
+def encode(model, params, video, rng: jax.Array | None = None, *, tiling: TilingConfig | None = None,
+           image_mode: bool = False, dtype: Any = None) -> jax.Array:
+  """Video -> scaled latents `(z - shift) * scale`, z the posterior mean (or a sample when `rng` is given).
+
+  Pure and jittable. Shapes as in `encode_posterior`.
+  """
+  posterior = encode_posterior(model, params, video, tiling=tiling, image_mode=image_mode, dtype=dtype)
+  z = posterior.mode() if rng is None else posterior.sample(rng)
+  return model.scale_latent(z)
+
+
+def decode(model, params, latents, *, tiling: TilingConfig | None = None, image_mode: bool = False,
+           dtype: Any = None) -> jax.Array:
+  """Scaled latents -> video in about [-1, 1] (not clipped). Pure and jittable.
+
+  Args:
+    latents: video mode `[B, 1+k, h, w, C]` -> `[B, 1+4k, 8h, 8w, 3]`. Image mode (or the image VAE): every latent
+      frame decoded as an image, `[B, T, h, w, C]` -> `[B, T, 8h, 8w, 3]`, and a 4D batch `[B, h, w, C]` ->
+      `[B, 8h, 8w, 3]` (a 4D input to CV-VAE is always image mode).
+  """
+  z = model.unscale_latent(jnp.asarray(latents))
+  coder, plan, z5, was_4d = _prepare(model, params, z, tiling, image_mode, False, dtype)
+  out = tiling_lib.apply(coder, params, z5, plan, coder.geometry)
+  return out[:, 0] if was_4d else out
+
+
+def posterior_streaming(model, params, video, *, tiling: TilingConfig | None = None, image_mode: bool = False,
+                        dtype: Any = None) -> DiagonalGaussian:
+  """`encode_posterior` chunk by chunk from the host (numpy or jax input; mean/logvar as numpy float32).
+
+  One compilation per chunk shape, reused across chunks and calls (videos of any length at least one chunk long
+  share it); memory holds the input, the output and one chunk.
+  """
+  coder, plan, x5, was_4d = _prepare(model, params, video, tiling, image_mode, True, dtype)
+  moments = tiling_lib.apply_streaming(coder, params, x5, plan, coder.geometry)
+  if was_4d:
+    moments = moments[:, 0]
+  c = moments.shape[-1] // 2
+  logvar = np.clip(moments[..., c:], -30.0, 20.0)
+  return DiagonalGaussian(mean=moments[..., :c], logvar=logvar)
+
+
+def encode_streaming(model, params, video, rng: jax.Array | None = None, *, tiling: TilingConfig | None = None,
+                     image_mode: bool = False, dtype: Any = None) -> np.ndarray:
+  """`encode` chunk by chunk from the host: scaled latents as a numpy float32 array."""
+  posterior = posterior_streaming(model, params, video, tiling=tiling, image_mode=image_mode, dtype=dtype)
+  z = posterior.mean
+  if rng is not None:
+    eps = np.asarray(jax.random.normal(rng, z.shape, jnp.float32))
+    z = z + np.exp(0.5 * posterior.logvar) * eps
+  return np.asarray((z - model.shift_factor) * model.scaling_factor, np.float32)
+
+
+def decode_streaming(model, params, latents, *, tiling: TilingConfig | None = None, image_mode: bool = False,
+                     dtype: Any = None) -> np.ndarray:
+  """`decode` chunk by chunk from the host: the video as a numpy float32 array (not clipped)."""
+  z = np.asarray(latents, np.float32) / model.scaling_factor + model.shift_factor
+  coder, plan, z5, was_4d = _prepare(model, params, z, tiling, image_mode, False, dtype)
+  out = tiling_lib.apply_streaming(coder, params, z5, plan, coder.geometry)
+  return out[:, 0] if was_4d else out
+
+
+def plan_for(model, shape, *, encoder: bool, tiling: TilingConfig | None = None,
+             image_mode: bool = False) -> tiling_lib.Plan:
+  """The chunks and tiles `encode`/`decode` would use for an input of `shape` (for logging and tests)."""
+  _check_model(model)
+  image_mode = _image_mode(model, image_mode) or len(shape) == 4
+  shape = tuple(shape) if len(shape) == 5 else (shape[0], 1, *shape[1:])
+  coder = Coder(model, encoder, image_mode)
+  return tiling_lib.make_plan(TilingConfig() if tiling is None else tiling, coder.geometry, shape)
