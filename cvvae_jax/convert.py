@@ -67,6 +67,32 @@ def flax_to_torch_array(a: np.ndarray, layout: Layout) -> np.ndarray:
   return a.T[:, :, None, None]
 
 
+def flax_to_torch_shape(shape: tuple[int, ...], layout: Layout) -> tuple[int, ...]:
+  """The torch shape of a Flax parameter of `shape` (without touching data)."""
+  shape = tuple(shape)
+  if layout is Layout.VECTOR:
+    return shape
+  if layout is Layout.CONV:
+    return (shape[-1], shape[-2]) + shape[:-2]
+  if layout is Layout.LINEAR:
+    return shape[::-1]
+  return shape[::-1] + (1, 1)
+
+
+def torch_layout(model) -> dict[str, tuple[str, tuple[int, ...]]]:
+  """{torch key: (flax path, torch shape)} of everything `save_pretrained` writes for `model` (no allocation)."""
+  rules = [r for r in rules_for(model) if not r.legacy]
+  out = {}
+  for path, spec in init_shapes(model).items():
+    for rule in rules:
+      if (fields := rule.match(path, "flax")) is not None:
+        out[rule.render(fields, "torch")] = (path, flax_to_torch_shape(spec.shape, rule.layout))
+        break
+    else:
+      raise ConversionError(f"no torch name for flax parameter {path}")
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
   """One tensor: torch key template <-> Flax path template ('/'-separated), with integer fields like {i}.
@@ -246,7 +272,10 @@ def model_from_config(config: Mapping[str, Any], source: str = "config.json", **
 
 
 def config_from_model(model) -> dict[str, Any]:
-  """The original `config.json` dict for one of our models (the released config with our sizes)."""
+  """The original `config.json` dict for one of our models (the released config with our sizes).
+
+  Keys no weight depends on keep the released values (e.g. the image VAE's `sample_size` is 768).
+  """
   if isinstance(model, CVVAE) and model.variant == "sd21":
     ch = model.block_out_channels[0]
     if any(c % ch for c in model.block_out_channels):
@@ -341,7 +370,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], model, source: str = "st
       problems["shape mismatches"].append(f"{key}: {e}")
       continue
     if arr.shape != tuple(expected[path].shape):
-      want = flax_to_torch_array(np.empty(expected[path].shape), rule.layout).shape
+      want = flax_to_torch_shape(expected[path].shape, rule.layout)
       problems["shape mismatches"].append(f"{key}: got {tuple(value.shape)}, expected {tuple(want)} (flax {path})")
       continue
     flat[path] = arr.astype(expected[path].dtype)

@@ -125,8 +125,9 @@ class Conv(nn.Module):
     y = lax.conv_general_dilated(
         x.astype(self.dtype), kernel.astype(self.dtype),
         window_strides=self.strides or (1,) * rank, padding=conv_pad,
-        dimension_numbers=_dimension_numbers(rank), precision=self.precision)
-    return y + bias.astype(self.dtype)
+        dimension_numbers=_dimension_numbers(rank), precision=self.precision,
+        preferred_element_type=jnp.float32)  # accumulate in float32 also for bf16 compute
+    return (y + bias).astype(self.dtype)
 
 
 class GroupNorm(nn.Module):

@@ -22,6 +22,7 @@ from cvvae_jax.vae3d import CVVAE
 
 MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
+CHECKPOINTS_DIR = "checkpoints"  # inside a training workdir
 _MODEL_CLASSES = {"CVVAE": CVVAE, "ImageVAE": ImageVAE}
 # Run-time choices, not architecture: never stored, settable through `load_pretrained(**overrides)`.
 _RUNTIME_FIELDS = ("dtype", "param_dtype", "precision", "remat", "parent", "name")
@@ -95,9 +96,9 @@ def load_pretrained(path: str, **overrides):
     return convert.load_torch_folder(path, **overrides)
   if is_flax_export(path):
     return load_flax(path, **overrides)
-  from cvvae_jax import checkpoint  # training workdirs; imported lazily (pulls in the training stack)
+  if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
+    from cvvae_jax import checkpoint  # training workdirs; imported lazily (pulls in the training stack)
 
-  if checkpoint.is_workdir(path):
     return checkpoint.load_model_from_workdir(path, **overrides)
   raise ValueError(f"{path} is not a model: expected an original PyTorch folder ({convert.CONFIG_NAME} + "
                    f"{convert.WEIGHTS_NAME}), our Flax export ({MODEL_JSON} + {PARAMS_DIR}/) or a training "
