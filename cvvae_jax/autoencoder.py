@@ -149,5 +149,7 @@ class Decoder(nn.Module):
         resample = bool(self.temporal_upsample[i]) if self.style.video else False
       h = Level(c, self.layers_per_block, "up", resample, self.remat, block_kw, name=f"up_{i}")(h)
     h = nn.silu(layers.GroupNorm(self.num_groups, self.epsilon, self.param_dtype, name="norm_out")(h))
+    # The input of the last layer, for the adaptive GAN weight (gradients at conv_out's kernel).
+    self.sow("intermediates", "conv_out_input", h)
     h = layers.Conv(self.out_channels, kernel, padding=self.style.main_padding(), name="conv_out", **kw)(h)
     return h.astype(jnp.float32)

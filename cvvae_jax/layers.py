@@ -116,18 +116,26 @@ class Conv(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, x.shape[-1], self.features),
                         self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
-    padding = self.padding or ((0, 0, Pad.ZEROS),) * rank
-    # Replicate padding is explicit; zero padding is folded into the convolution.
-    edge = [(0, 0)] + [(lo, hi) if mode is Pad.REPLICATE else (0, 0) for lo, hi, mode in padding] + [(0, 0)]
-    if any(lo or hi for lo, hi in edge):
-      x = jnp.pad(x, edge, mode="edge")
-    conv_pad = [(lo, hi) if mode is Pad.ZEROS else (0, 0) for lo, hi, mode in padding]
-    y = lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype),
-        window_strides=self.strides or (1,) * rank, padding=conv_pad,
-        dimension_numbers=_dimension_numbers(rank), precision=self.precision,
-        preferred_element_type=jnp.float32)  # accumulate in float32 also for bf16 compute
-    return (y + bias).astype(self.dtype)
+    return conv_apply(x, kernel, bias, strides=self.strides, padding=self.padding, dtype=self.dtype,
+                      precision=self.precision)
+
+
+def conv_apply(x: Array, kernel: Array, bias: Array, *, strides: tuple[int, ...] | None = None,
+               padding: tuple[tuple[int, int, Pad], ...] | None = None, dtype: Dtype = jnp.float32,
+               precision: Any = None) -> Array:
+  """The function `Conv` computes: `x [B, *spatial, C_in]`, `kernel [*k, C_in, C_out]` -> `[B, *spatial', C_out]`."""
+  rank = kernel.ndim - 2
+  padding = padding or ((0, 0, Pad.ZEROS),) * rank
+  # Replicate padding is explicit; zero padding is folded into the convolution.
+  edge = [(0, 0)] + [(lo, hi) if mode is Pad.REPLICATE else (0, 0) for lo, hi, mode in padding] + [(0, 0)]
+  if any(lo or hi for lo, hi in edge):
+    x = jnp.pad(x, edge, mode="edge")
+  conv_pad = [(lo, hi) if mode is Pad.ZEROS else (0, 0) for lo, hi, mode in padding]
+  y = lax.conv_general_dilated(
+      x.astype(dtype), kernel.astype(dtype), window_strides=strides or (1,) * rank, padding=conv_pad,
+      dimension_numbers=_dimension_numbers(rank), precision=precision,
+      preferred_element_type=jnp.float32)  # accumulate in float32 also for bf16 compute
+  return (y + bias).astype(dtype)
 
 
 class GroupNorm(nn.Module):
