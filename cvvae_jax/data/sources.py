@@ -1,0 +1,278 @@
+"""Random-access sources of records: a folder of files, or a prepared TFDS dataset.
+
+A source is a sequence: `len(source)` and `source[i] -> record`, where a record is a dict
+`{"key": relative path, "data": encoded file bytes, "num_frames", "height", "width"}` (videos;
+images need only "key" and "data"). Both kinds list the same files in the same order (sorted
+relative paths, bad files left out by the same probe), so a folder read directly and its TFDS copy
+give the same examples.
+
+TFDS datasets can be in array_record (read with `as_data_source`) or TFRecord files (indexed here by
+record offsets, read with seek); either gives random access, which is what makes the order a pure
+function of (seed, position) and the iterator resumable from a step.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import struct
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+from cvvae_jax.data import media
+from cvvae_jax.data.sampling import Kind
+from cvvae_jax.data.stats import DataStats
+
+
+class Source(Protocol):
+  """What the pipeline reads from."""
+  name: str
+  kind: Kind
+
+  def __len__(self) -> int: ...
+  def __getitem__(self, index: int) -> dict[str, Any]: ...
+  def locate(self, key: str) -> str: ...
+
+
+# ----------------------------------------------------------------------------------------------------
+# Folders.
+# ----------------------------------------------------------------------------------------------------
+
+def list_files(root: str) -> list[str]:
+  """All files under `root`, recursively, as sorted relative POSIX paths (hidden dirs skipped)."""
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"expected a folder of media files, got {root!r}, which "
+                            f"{'is not a folder' if os.path.exists(root) else 'does not exist'}")
+  out = []
+  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    for name in filenames:
+      out.append(os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/"))
+  return sorted(out)
+
+
+def probe(kind: Kind, data: bytes) -> dict[str, Any]:
+  """Metadata stored with a record; raises media.BadInput for files that must be skipped."""
+  if kind is Kind.VIDEO:
+    info = media.probe_video(data)
+    return {"num_frames": info.num_frames, "height": info.height, "width": info.width,
+            "fps": info.fps}
+  info = media.probe_image(data)
+  return {"height": info.height, "width": info.width}
+
+
+def scan_folder(root: str, kind: Kind, *, workers: int = 4,
+                on_skip: Callable[[str, str], None]) -> Iterator[dict[str, Any]]:
+  """Yields a record (with the file's bytes) for each usable file under `root`, in sorted order.
+
+  Files with an extension that is not a `kind` extension, and files whose probe fails, are passed
+  to `on_skip(path, reason)` and left out. Probing runs in `workers` threads (PyAV and Pillow
+  release the GIL while decoding).
+  """
+  extensions = media.EXTENSIONS[kind.value]
+  candidates = []
+  for rel in list_files(root):
+    ext = os.path.splitext(rel)[1].lower()
+    if ext in extensions:
+      candidates.append(rel)
+    else:
+      on_skip(os.path.join(root, rel),
+              f"unsupported extension {ext or '(none)'!r} for a {kind.value} folder "
+              f"(expected one of {', '.join(extensions)})")
+
+  def load(rel: str):
+    path = os.path.join(root, rel)
+    try:
+      with open(path, "rb") as f:
+        data = f.read()
+      return rel, data, probe(kind, data), None
+    except media.BadInput as e:
+      return rel, None, None, e.reason
+    except OSError as e:
+      return rel, None, None, f"unreadable: {e}"
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+    # Bounded look-ahead keeps memory flat on large folders while keeping the order.
+    pending: list[concurrent.futures.Future] = []
+    it = iter(candidates)
+    for rel in it:
+      pending.append(pool.submit(load, rel))
+      if len(pending) >= 4 * max(1, workers):
+        break
+    while pending:
+      rel, data, meta, reason = pending.pop(0).result()
+      nxt = next(it, None)
+      if nxt is not None:
+        pending.append(pool.submit(load, nxt))
+      if reason is not None:
+        on_skip(os.path.join(root, rel), reason)
+      else:
+        yield {"key": rel, "data": data, **meta}
+
+
+class FolderSource:
+  """Files of one kind under a folder, probed once at start-up (bad files skipped and counted)."""
+
+  def __init__(self, root: str, kind: Kind, *, stats: DataStats, workers: int = 4):
+    self.root = os.path.abspath(os.path.expanduser(root))
+    self.kind = kind
+    self.name = f"folder:{self.root}"
+    self._entries = []
+    for record in scan_folder(self.root, kind, workers=workers, on_skip=stats.skip):
+      del record["data"]  # read again on use; only metadata is kept in memory
+      self._entries.append(record)
+    if not self._entries:
+      raise ValueError(f"no usable {kind.value} files in folder {self.root!r} ({stats.num_skipped} "
+                       f"file(s) skipped so far; expected extensions {media.EXTENSIONS[kind.value]})")
+
+  def __len__(self) -> int:
+    return len(self._entries)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    entry = self._entries[index]
+    with open(os.path.join(self.root, entry["key"]), "rb") as f:
+      return {**entry, "data": f.read()}
+
+  def locate(self, key: str) -> str:
+    return os.path.join(self.root, key)
+
+
+# ----------------------------------------------------------------------------------------------------
+# TFDS.
+# ----------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _RecordLocation:
+  path: str
+  offset: int
+  length: int
+
+
+def index_tfrecord_file(path: str, skip: int = 0, take: int = -1) -> list[_RecordLocation]:
+  """Byte offsets of the records of a TFRecord file (reads the 12-byte headers only).
+
+  TFRecord framing: uint64 length, uint32 masked CRC of the length, data, uint32 masked CRC.
+  """
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  out = []
+  with epath.Path(path).open("rb") as f:
+    position = 0
+    while take < 0 or len(out) < skip + take:
+      f.seek(position)
+      header = f.read(12)
+      if len(header) < 12:
+        break
+      (length,) = struct.unpack("<Q", header[:8])
+      out.append(_RecordLocation(path, position + 12, length))
+      position += 12 + length + 4
+  return out[skip:]
+
+
+class TfdsSource:
+  """A prepared TFDS dataset split with random access (array_record or TFRecord files).
+
+  Datasets made by our builders (`cvvae_video_folder`, `cvvae_image_folder`) carry the record layout
+  above. Any TFDS image dataset works too: set `data_key` to its image feature (e.g. "image"); its
+  encoded bytes are read undecoded.
+  """
+
+  def __init__(self, name: str, *, split: str, data_dir: str | None, kind: Kind, data_key: str = "data",
+               stats: DataStats):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    from cvvae_jax.data import builders  # pylint: disable=g-import-not-at-top,unused-import  (registers)
+    data_dir = os.path.expanduser(data_dir) if data_dir else None
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # tfds raises several types for unknown names
+      raise FileNotFoundError(f"TFDS dataset {name!r} not found (data_dir={data_dir!r}): {e}") from e
+    if not builder.is_prepared():
+      raise FileNotFoundError(
+          f"TFDS dataset {name!r} is not prepared in {builder.data_dir!r}. Prepare it once with "
+          f"`python -m cvvae_jax.data.builders --kind={kind.value} --folder=<your folder> "
+          f"--data_dir=<data_dir>` (or `tfds build`).")
+    if split not in builder.info.splits and split.split("[")[0] not in builder.info.splits:
+      raise ValueError(f"TFDS dataset {name!r}: expected a split in {list(builder.info.splits)}, "
+                       f"got {split!r}")
+    features = builder.info.features
+    if data_key not in features:
+      raise ValueError(f"TFDS dataset {name!r}: expected a feature {data_key!r} holding encoded "
+                       f"files, got features {list(features)}")
+    if kind is Kind.VIDEO and "num_frames" not in features:
+      raise ValueError(f"TFDS dataset {name!r} has no 'num_frames' feature: video datasets must be "
+                       f"prepared with cvvae_video_folder")
+    self.kind = kind
+    self.name = f"tfds:{builder.info.full_name}"
+    self._data_key = data_key
+    self._has_key = "key" in features
+    self._decoders = {data_key: tfds.decode.SkipDecoding()}
+    self._features = features
+    file_format = builder.info.file_format
+    if file_format is not None and file_format.value == "array_record":
+      self._ds = builder.as_data_source(split, decoders=self._decoders)
+      self._locations = None
+    else:
+      instructions = builder.info.splits[split].file_instructions
+      self._locations = [loc for ins in instructions
+                         for loc in index_tfrecord_file(ins.filename, ins.skip, ins.take)]
+      self._ds = None
+    if len(self) == 0:
+      raise ValueError(f"TFDS dataset {name!r} split {split!r} is empty")
+    for path, reason in dict(builder.info.metadata or {}).get("skipped", {}).items():
+      stats.skip(path, f"skipped when the dataset was prepared: {reason}")
+
+  def __len__(self) -> int:
+    return len(self._ds) if self._locations is None else len(self._locations)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    if self._locations is None:
+      example = self._ds[index]
+    else:
+      loc = self._locations[index]
+      from etils import epath  # pylint: disable=g-import-not-at-top
+      with epath.Path(loc.path).open("rb") as f:
+        f.seek(loc.offset)
+        raw = f.read(loc.length)
+      example = self._features.deserialize_example_np(raw, decoders=self._decoders)
+    key = example["key"] if self._has_key else f"{self.name}[{index}]"
+    out = {k: v for k, v in example.items() if k not in ("key", self._data_key)}
+    out["key"] = key.decode() if isinstance(key, bytes) else str(key)
+    out["data"] = bytes(example[self._data_key])
+    return out
+
+  def locate(self, key: str) -> str:
+    return f"{self.name}:{key}"
+
+
+def open_source(*, kind: str | Kind, source: str, path: str = "", tfds_name: str = "",
+                split: str = "train", data_dir: str = "", data_key: str = "data", embedded_dir: str = "",
+                stats: DataStats, workers: int = 4, where: str = "stream") -> Source:
+  """Opens the source a stream or eval config names; errors name the config fields to set.
+
+  Args:
+    kind: "video" or "image".
+    source: "folder" (read `path` directly), "tfds" (`tfds_name`/`split` in `data_dir`), or
+      "embedded" (the built-in real clips and photos, prepared under `embedded_dir` on first use).
+  """
+  kind = Kind(kind) if isinstance(kind, str) else kind
+  if source == "folder":
+    if not path:
+      raise ValueError(f"{where}.path is unset: expected a folder of {kind.value} files "
+                       f"({', '.join(media.EXTENSIONS[kind.value])}), e.g. "
+                       f"--config.data.{where.split('.', 1)[-1]}.path=/data/my_{kind.value}s")
+    return FolderSource(path, kind, stats=stats, workers=workers)
+  if source == "tfds":
+    if not tfds_name:
+      raise ValueError(f"{where}.tfds_name is unset: expected the name of a prepared TFDS dataset, "
+                       f"e.g. cvvae_{kind.value}_folder (see cvvae_jax.data.builders)")
+    return TfdsSource(tfds_name, split=split, data_dir=data_dir or None, kind=kind, data_key=data_key,
+                      stats=stats)
+  if source == "embedded":
+    from cvvae_jax.data import embedded  # pylint: disable=g-import-not-at-top
+    if not embedded_dir:
+      raise ValueError(f"expected config.embedded_dir to be set for {where}.source='embedded'")
+    tfds_dir = embedded.prepare_embedded_dataset(embedded_dir)
+    return TfdsSource(embedded.DATASET_NAMES[kind.value], split="train", data_dir=tfds_dir, kind=kind,
+                      stats=stats)
+  raise ValueError(f"{where}.source: expected 'folder', 'tfds' or 'embedded', got {source!r}")
+
