@@ -7,12 +7,13 @@ of which video each clip holds.
 
 import logging
 import os
-import shutil
 import socket
 import time
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image
 
 from configs import data_config
@@ -185,13 +186,15 @@ def test_deterministic_and_resumable(video_dir, image_dir, mixing):
     return _take(it, n)
 
   first, again, other = run(0), run(0), run(1)
+  config.num_parallel_calls = 1  # the order does not depend on the parallelism
+  serial = run(0)
   streams = [b["stream"] for b in first]
   assert set(streams) == {"video", "image"}
   if mixing == "alternate":
     assert streams == ["image", "video"] * 4
   shapes = {b["stream"]: b["video"].shape for b in first}
   assert shapes == {"video": (2, 5, 16, 16, 3), "image": (3, 1, 16, 16, 3)}
-  for a, b in zip(first, again):
+  for a, b in zip(first * 2, again + serial):
     assert a["stream"] == b["stream"] and np.array_equal(a["video"], b["video"])
   assert any(a["stream"] != b["stream"] or not np.array_equal(a["video"], b["video"])
              for a, b in zip(first, other))
@@ -289,6 +292,47 @@ def test_tfds_copy_gives_the_same_batches_as_the_folder(bad_video_dir, image_dir
   # Files skipped when the dataset was prepared are reported by the TFDS iterator too.
   assert from_tfds.stats.num_skipped == from_folder.stats.num_skipped == 7
   assert all("prepared" in r for r in from_tfds.stats.skipped.values())
+
+
+class TinyImageDataset(tfds.core.GeneratorBasedBuilder):
+  """A standard TFDS image dataset (decoded `Image` feature, no key), as coco/2017 is."""
+  name = "cvvae_test_tiny_images"
+  VERSION = tfds.core.Version("1.0.0")
+  code_path = epath.Path(__file__)  # see cvvae_jax.data.builders
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3)), "label": tfds.features.ClassLabel(num_classes=2)}))
+
+  def _split_generators(self, dl_manager):
+    return {"validation": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i in range(5):
+      yield i, {"image": np.full((20 + 4 * i, 24, 3), 40 * i, np.uint8), "label": i % 2}
+
+
+@pytest.mark.parametrize("file_format", ["array_record", "tfrecord"])
+def test_standard_tfds_image_dataset_as_image_stream_and_eval(tmp_path, file_format):
+  TinyImageDataset(data_dir=str(tmp_path), file_format=file_format).download_and_prepare()
+  source = dict(source="tfds", tfds_name="cvvae_test_tiny_images", split="validation",
+                data_dir=str(tmp_path), data_key="image")
+  config = data_config.get_config("demo")
+  del config.streams["video"]
+  config.streams.image.update(dict(size=(16, 16), short_side=(16, 20), batch_size=5, **source))
+  it = data.create_train_iterator(config, seed=0, process_index=0, process_count=1)
+  (batch,) = _take(it, 1)
+  values = np.round((batch["video"].mean(axis=(1, 2, 3, 4)) + 1) * 127.5).astype(int)
+  assert sorted(values.tolist()) == [0, 40, 80, 120, 160]  # one epoch: each image once
+  config.eval.update(dict(kind="image", frames=1, size=(16, 16), short_side=16, batch_size=2, **source))
+  batches = list(data.create_eval_iterator(config, process_index=0, process_count=1))
+  assert [b["mask"].tolist() for b in batches] == [[True, True], [True, True], [True, False]]
+  assert batches[0]["path"].tolist() == ["tfds:cvvae_test_tiny_images/1.0.0:validation[0]",
+                                         "tfds:cvvae_test_tiny_images/1.0.0:validation[1]"]
+  videos = np.concatenate([b["video"] for b in batches])[:5]
+  values = (videos + 1) * 127.5
+  np.testing.assert_allclose(values, np.broadcast_to(values[:, :1, :1, :1], values.shape), atol=1e-4)
+  assert sorted(np.round(values[:, 0, 0, 0, 0]).astype(int).tolist()) == [0, 40, 80, 120, 160]
 
 
 def test_eval_iterator_center_clips_paths_and_padding(tmp_path):

@@ -15,10 +15,10 @@ Using your own data (config = `configs/data_config.py`, under `config.data` in t
    Folders are searched recursively. Videos: mp4, m4v, mov, webm, mkv, avi, mpg, mpeg, ogv, wmv,
    flv, 3gp, ts (anything PyAV decodes). Images: jpg, jpeg, png, webp, bmp, tif, tiff, 8-bit RGB.
 2. Prepare once, then train from TFDS (recommended for large sets and pods; no probing at start):
-     python -m cvvae_jax.data.builders --kind=video --folder=/data/videos --data_dir=/data/tfds/videos
-     python -m cvvae_jax.data.builders --kind=image --folder=/data/images --data_dir=/data/tfds/images
+     python -m cvvae_jax.data.prepare --kind=video --folder=/data/videos --data_dir=/data/tfds/videos
+     python -m cvvae_jax.data.prepare --kind=image --folder=/data/images --data_dir=/data/tfds/images
    (or `tfds build cvvae_video_folder --imports=cvvae_jax.data.builders --manual_dir=/data/videos
-   --data_dir=/data/tfds/videos --file_format=array_record`), then
+   --data_dir=/data/tfds/videos --file_format=array_record`, which also needs apache-beam), then
      --config.data.streams.video.source=tfds --config.data.streams.video.tfds_name=cvvae_video_folder
      --config.data.streams.video.data_dir=/data/tfds/videos      (same for image)
    A folder and its TFDS copy give the same batches. Any TFDS image dataset also works as an image

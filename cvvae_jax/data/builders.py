@@ -13,8 +13,8 @@ validation or test, each becomes that split.
 
 Prepare once (array_record gives random access; TFRecord also works):
 
-  python -m cvvae_jax.data.builders --kind=video --folder=/data/webvid --data_dir=/data/tfds/webvid
-  # or with the TFDS CLI:
+  python -m cvvae_jax.data.prepare --kind=video --folder=/data/webvid --data_dir=/data/tfds/webvid
+  # or with the TFDS CLI (tensorflow-datasets 4.9.10's CLI also needs apache-beam installed):
   tfds build cvvae_video_folder --imports=cvvae_jax.data.builders --manual_dir=/data/webvid \
       --data_dir=/data/tfds/webvid --file_format=array_record
 
@@ -131,25 +131,9 @@ def prepare_folder(kind: str, folder: str, data_dir: str, *,
   """
   if kind not in BUILDERS:
     raise ValueError(f"expected kind 'video' or 'image', got {kind!r}")
+  folder = os.path.abspath(os.path.expanduser(folder))
+  sources.list_files(folder)  # a clear error for a missing folder
   builder = BUILDERS[kind](data_dir=os.path.expanduser(data_dir), file_format=file_format)
   builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=os.path.expanduser(folder)))
+      download_config=tfds.download.DownloadConfig(manual_dir=folder))
   return builder
-
-
-def main(argv):
-  del argv
-  builder = prepare_folder(FLAGS.kind, FLAGS.folder, FLAGS.data_dir, file_format=FLAGS.file_format)
-  print(f"prepared {builder.info.full_name} in {builder.data_dir}: "
-        f"{ {k: v.num_examples for k, v in builder.info.splits.items()} } examples, "
-        f"{len(dict(builder.info.metadata).get('skipped', {}))} file(s) skipped")
-
-
-if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  FLAGS = flags.FLAGS
-  flags.DEFINE_enum("kind", "video", ["video", "image"], "What the folder holds.")
-  flags.DEFINE_string("folder", None, "Folder of files (searched recursively).", required=True)
-  flags.DEFINE_string("data_dir", None, "TFDS data dir to write to.", required=True)
-  flags.DEFINE_enum("file_format", "array_record", ["array_record", "tfrecord"], "Record file format.")
-  app.run(main)

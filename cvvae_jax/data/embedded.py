@@ -13,6 +13,7 @@ retina, motorcycle), resized to a 128-pixel short side.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -107,12 +108,23 @@ def prepare_embedded_dataset(data_dir: str) -> str:
   """
   root = os.path.join(os.path.abspath(os.path.expanduser(data_dir)), f"embedded_{RECIPE}")
   tfds_dir = os.path.join(root, "tfds")
-  built = [builders.BUILDERS[k](data_dir=tfds_dir, file_format="array_record") for k in ("video", "image")]
-  if all(b.is_prepared() for b in built):
+
+  def builders_():
+    return [builders.BUILDERS[k](data_dir=tfds_dir, file_format="array_record") for k in ("video", "image")]
+
+  if all(b.is_prepared() for b in builders_()):
     return tfds_dir
-  logging.info("data: building the embedded dataset under %s", root)
-  src = assemble_embedded_folders(root)
-  for kind, builder in zip(("video", "image"), built):
-    if not builder.is_prepared():
-      builders.prepare_folder(kind, os.path.join(src, kind), tfds_dir)
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, ".lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time (e.g. parallel test processes)
+    try:
+      built = builders_()  # re-check: another process may have finished while we waited
+      if not all(b.is_prepared() for b in built):
+        logging.info("data: building the embedded dataset under %s", root)
+        src = assemble_embedded_folders(root)
+        for kind, builder in zip(("video", "image"), built):
+          if not builder.is_prepared():
+            builders.prepare_folder(kind, os.path.join(src, kind), tfds_dir)
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
   return tfds_dir

@@ -37,7 +37,7 @@ import tensorflow as tf
 from absl import logging
 
 from cvvae_jax.data import media, sources
-from cvvae_jax.data.sampling import ClipSpec, Kind, sample_example
+from cvvae_jax.data.sampling import ClipSpec, sample_example
 from cvvae_jax.data.stats import DataStats
 
 _TAG_PERMUTATION, _TAG_EXAMPLE, _TAG_MIXING, _TAG_EVAL = 0, 1, 2, 3
@@ -51,6 +51,13 @@ class Mixing(enum.Enum):
 
 def _name_id(name: str) -> int:
   return zlib.crc32(name.encode())
+
+
+def _reason(error: Exception) -> str:
+  """Why an input was skipped: BadInput says it; anything else is named with its type."""
+  if isinstance(error, media.BadInput):
+    return error.reason
+  return f"unreadable ({type(error).__name__}: {error})"
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -214,9 +221,9 @@ class ExampleLoader:
         record = self.source[index]
         return sample_example(record, self.spec.clip, rng, stats=self.stats,
                               decode_threads=self._decode_threads)
-      except (media.BadInput, OSError) as e:
-        where = self.source.locate(record["key"]) if record else f"{self.source.name}[{index}]"
-        self.stats.skip(where, getattr(e, "reason", None) or f"unreadable: {e}")
+      except Exception as e:  # pylint: disable=broad-except  (a bad input must never stop training)
+        where = self.source.locate(record["key"]) if record else self.source.describe(index)
+        self.stats.skip(where, _reason(e))
     raise RuntimeError(f"streams.{self.spec.name}: {self._max_attempts} examples in a row were "
                        f"unusable in {self.source.name}; see the skipped-input log")
 
@@ -449,9 +456,9 @@ def create_eval_iterator(config, *, process_index: int | None = None, process_co
       record = source[index]
       rng = np.random.default_rng([_TAG_EVAL, index])  # only the short side, if given as a range
       return sample_example(record, clip, rng, stats=stats), source.locate(record["key"]).encode(), True
-    except (media.BadInput, OSError) as e:
-      where = source.locate(record["key"]) if record else f"{source.name}[{index}]"
-      stats.skip(where, getattr(e, "reason", None) or f"unreadable: {e}")
+    except Exception as e:  # pylint: disable=broad-except
+      where = source.locate(record["key"]) if record else source.describe(index)
+      stats.skip(where, _reason(e))
       return np.zeros(shape, np.uint8), where.encode(), False
 
   def load_tf(slot):

@@ -32,7 +32,8 @@ class Source(Protocol):
 
   def __len__(self) -> int: ...
   def __getitem__(self, index: int) -> dict[str, Any]: ...
-  def locate(self, key: str) -> str: ...
+  def locate(self, key: str) -> str: ...       # a record's key -> what to show the user
+  def describe(self, index: int) -> str: ...   # the same, before the record could be read
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -89,8 +90,8 @@ def scan_folder(root: str, kind: Kind, *, workers: int = 4,
       return rel, data, probe(kind, data), None
     except media.BadInput as e:
       return rel, None, None, e.reason
-    except OSError as e:
-      return rel, None, None, f"unreadable: {e}"
+    except Exception as e:  # pylint: disable=broad-except  (a bad file must never stop a run)
+      return rel, None, None, f"unreadable ({type(e).__name__}: {e})"
 
   with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
     # Bounded look-ahead keeps memory flat on large folders while keeping the order.
@@ -136,6 +137,9 @@ class FolderSource:
 
   def locate(self, key: str) -> str:
     return os.path.join(self.root, key)
+
+  def describe(self, index: int) -> str:
+    return self.locate(self._entries[index]["key"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -189,7 +193,7 @@ class TfdsSource:
     if not builder.is_prepared():
       raise FileNotFoundError(
           f"TFDS dataset {name!r} is not prepared in {builder.data_dir!r}. Prepare it once with "
-          f"`python -m cvvae_jax.data.builders --kind={kind.value} --folder=<your folder> "
+          f"`python -m cvvae_jax.data.prepare --kind={kind.value} --folder=<your folder> "
           f"--data_dir=<data_dir>` (or `tfds build`).")
     if split not in builder.info.splits and split.split("[")[0] not in builder.info.splits:
       raise ValueError(f"TFDS dataset {name!r}: expected a split in {list(builder.info.splits)}, "
@@ -204,6 +208,7 @@ class TfdsSource:
     self.kind = kind
     self.name = f"tfds:{builder.info.full_name}"
     self._data_key = data_key
+    self._split = split
     self._has_key = "key" in features
     self._decoders = {data_key: tfds.decode.SkipDecoding()}
     self._features = features
@@ -234,7 +239,7 @@ class TfdsSource:
         f.seek(loc.offset)
         raw = f.read(loc.length)
       example = self._features.deserialize_example_np(raw, decoders=self._decoders)
-    key = example["key"] if self._has_key else f"{self.name}[{index}]"
+    key = example["key"] if self._has_key else f"{self._split}[{index}]"
     out = {k: v for k, v in example.items() if k not in ("key", self._data_key)}
     out["key"] = key.decode() if isinstance(key, bytes) else str(key)
     out["data"] = bytes(example[self._data_key])
@@ -242,6 +247,9 @@ class TfdsSource:
 
   def locate(self, key: str) -> str:
     return f"{self.name}:{key}"
+
+  def describe(self, index: int) -> str:
+    return f"{self.name}:{self._split}[{index}]"
 
 
 def open_source(*, kind: str | Kind, source: str, path: str = "", tfds_name: str = "",
