@@ -216,3 +216,24 @@ def plan_for(model, shape, *, encoder: bool, tiling: TilingConfig | None = None,
   shape = tuple(shape) if len(shape) == 5 else (shape[0], 1, *shape[1:])
   coder = Coder(model, encoder, image_mode)
   return tiling_lib.make_plan(TilingConfig() if tiling is None else tiling, coder.geometry, shape)
+
+
+def random_params(model, seed: int = 0):
+  """Random float32 parameters of `model`'s shapes, drawn with numpy (seconds, where compiling `model.init` takes
+  tens of seconds on CPU). Kernels ~ N(0, 1/fan_in), norm scales 1, biases 0: for tests and benchmarks (memory and
+  speed are the same as with real weights), not a training initialization."""
+  _check_model(model)
+  shape = (1, 8, 8, model.in_channels) if isinstance(model, ImageVAE) else (1, 1, 8, 8, model.in_channels)
+  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros(shape, jnp.float32))["params"]
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = getattr(path[-1], "key", str(path[-1]))
+    if name == "kernel":
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      return jnp.asarray(rng.standard_normal(leaf.shape, np.float32) / np.sqrt(fan_in))
+    if name == "scale":
+      return jnp.ones(leaf.shape, leaf.dtype)
+    return jnp.zeros(leaf.shape, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, abstract)
