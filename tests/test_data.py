@@ -395,7 +395,12 @@ def test_embedded_dataset_builds_offline_with_real_content(tmp_path, monkeypatch
   config.embedded_dir = str(tmp_path)
   config.log_every_steps = 0
   it = data.create_train_iterator(config, seed=0, process_index=0, process_count=1)
-  batches = _take(it, 6)
+  batches = [next(it) for _ in range(6)]
+  it.log()  # the periodic throughput line
+  summary = it.stats.summary()
+  assert summary["data/examples_per_s"] > 0 and summary["data/video/examples_per_s"] > 0
+  assert it.state() == {"step": 6}
+  it.close()
   assert it.stats.num_skipped == 0
   videos = np.concatenate([b["video"] for b in batches if b["stream"] == "video"])
   images = np.concatenate([b["video"] for b in batches if b["stream"] == "image"])
