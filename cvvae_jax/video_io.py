@@ -35,11 +35,13 @@ def _open(path: str):
     raise VideoReadError(f"expected a video file, got a directory: {path}")
   try:
     container = av.open(path, mode="r")
+  except av.EOFError:
+    raise VideoReadError(f"{path} is an empty video: it ends before its first frame") from None
   except (av.FFmpegError, OSError) as e:
     raise VideoReadError(f"cannot read {path} as a video: {e}") from None
   if not container.streams.video:
     container.close()
-    raise VideoReadError(f"{path} has no video stream")
+    raise VideoReadError(f"{path} has no video stream (no frame)")
   return container
 
 
