@@ -144,12 +144,11 @@ def conv_apply(x: Array, kernel: Array, bias: Array, *, strides: tuple[int, ...]
 
 
 def _conv3d_as_2d(x: Array, kernel: Array, strides, conv_pad, precision) -> Array:
-  """A 3D convolution computed as one 2D convolution over frames, the temporal taps folded into channels.
+  """A 3D convolution computed as a sum of 2D convolutions over time-shifted frames.
 
-  `x [B, T, H, W, C]`, `kernel [kt, kh, kw, C, O]`: output frame t sees input frames s*t + k (k < kt), which are
-  concatenated along channels and convolved with the kernel reshaped to `[kh, kw, kt * C, O]`. Same result as
-  `conv_general_dilated` in 3D (up to summation order); XLA's CPU backend runs 2D convolutions, and above all
-  their gradients, much faster than 3D ones (bench/README.md).
+  `x [B, T, H, W, C]`, `kernel [kt, kh, kw, C, O]`: output frame t is sum_k conv2d(frame s*t + k, kernel[k]).
+  Same result as `conv_general_dilated` in 3D (up to summation order); XLA's CPU backend runs 2D convolutions,
+  and above all their gradients, much faster than 3D ones (1.2-4x, bench/README.md).
   """
   kt = kernel.shape[0]
   (t_lo, t_hi), space_pad = conv_pad[0], conv_pad[1:]
@@ -160,12 +159,13 @@ def _conv3d_as_2d(x: Array, kernel: Array, strides, conv_pad, precision) -> Arra
   t_out = (t - kt) // st + 1
   if t_out < 1:
     raise ValueError(f"temporal kernel {kt} does not fit {t} (padded) frames")
-  taps = [x[:, k:k + st * (t_out - 1) + 1:st] for k in range(kt)]
-  frames = jnp.concatenate(taps, axis=-1).reshape(b * t_out, h, w, kt * c)
-  k2d = jnp.moveaxis(kernel, 0, 2).reshape(kernel.shape[1], kernel.shape[2], kt * c, kernel.shape[-1])
-  y = lax.conv_general_dilated(frames, k2d, window_strides=strides[1:], padding=space_pad,
-                               dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision,
-                               preferred_element_type=jnp.float32)
+  y = None
+  for k in range(kt):
+    frames = x[:, k:k + st * (t_out - 1) + 1:st].reshape(b * t_out, h, w, c)
+    yk = lax.conv_general_dilated(frames, kernel[k], window_strides=strides[1:], padding=space_pad,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision,
+                                  preferred_element_type=jnp.float32)
+    y = yk if y is None else y + yk
   return y.reshape(b, t_out, *y.shape[1:])
 
 
