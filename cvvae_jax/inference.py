@@ -37,7 +37,7 @@ from cvvae_jax.vae3d import CVVAE
 from cvvae_jax.tiling import Mode, TilingConfig
 
 __all__ = ["TilingConfig", "Mode", "encode", "decode", "encode_posterior", "encode_streaming", "decode_streaming",
-           "posterior_streaming", "with_dtype", "Coder"]
+           "posterior_streaming", "with_dtype", "Coder", "plan_for", "random_params"]
 
 DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 

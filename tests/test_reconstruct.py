@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import av
-import jax
 import numpy as np
 import pytest
 
