@@ -29,247 +29,247 @@ TEMPORAL_COMPRESSION = 4
 
 
 class PsiMapping(enum.Enum):
-    """How psi picks the target frame of each group of `temporal_compression` frames.
+  """How psi picks the target frame of each group of `temporal_compression` frames.
 
-    RANDOM: one uniformly random frame of each group, drawn independently per example and per group
-        (the paper's best choice, released config `target_type: random`).
-    SLICE: the last frame of each group, frame 4i + 4, i.e. frames 0, 4, 8, ... (the original's
-        `inputs[:, :, ::4]`).
-    MEAN: the average of the group's frames.
-    FIRST: frame 0 only; the output has a single frame `[B, 1, H, W, C]` (see `psi`).
-    """
+  RANDOM: one uniformly random frame of each group, drawn independently per example and per group
+    (the paper's best choice, released config `target_type: random`).
+  SLICE: the last frame of each group, frame 4i + 4, i.e. frames 0, 4, 8, ... (the original's
+    `inputs[:, :, ::4]`).
+  MEAN: the average of the group's frames.
+  FIRST: frame 0 only; the output has a single frame `[B, 1, H, W, C]` (see `psi`).
+  """
 
-    RANDOM = "random"
-    SLICE = "slice"
-    MEAN = "mean"
-    FIRST = "first"
+  RANDOM = "random"
+  SLICE = "slice"
+  MEAN = "mean"
+  FIRST = "first"
 
-    @classmethod
-    def parse(cls, value: "str | PsiMapping") -> "PsiMapping":
-        """Parses a config string (case-insensitive) once into the enum; a `PsiMapping` passes through."""
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            try:
-                return cls(value.strip().lower())
-            except ValueError:
-                pass
-        raise ValueError(
-            f"expected a psi mapping, one of {[m.value for m in cls]}, got {value!r}"
-        )
+  @classmethod
+  def parse(cls, value: "str | PsiMapping") -> "PsiMapping":
+    """Parses a config string (case-insensitive) once into the enum; a `PsiMapping` passes through."""
+    if isinstance(value, cls):
+      return value
+    if isinstance(value, str):
+      try:
+        return cls(value.strip().lower())
+      except ValueError:
+        pass
+    raise ValueError(
+      f"expected a psi mapping, one of {[m.value for m in cls]}, got {value!r}"
+    )
 
 
 def _require_mapping(mapping) -> PsiMapping:
-    if not isinstance(mapping, PsiMapping):
-        raise TypeError(
-            f"expected a PsiMapping (parse the config string once with PsiMapping.parse), "
-            f"got {type(mapping).__name__} {mapping!r}"
-        )
-    return mapping
+  if not isinstance(mapping, PsiMapping):
+    raise TypeError(
+      f"expected a PsiMapping (parse the config string once with PsiMapping.parse), "
+      f"got {type(mapping).__name__} {mapping!r}"
+    )
+  return mapping
 
 
 def _num_groups(video: jax.Array, temporal_compression: int, name: str = "video") -> int:
-    """Checks `video` is `[B, 1 + n*k, H, W, C]` and returns k."""
-    if video.ndim != 5:
-        raise ValueError(
-            f"expected {name} of shape [B, T, H, W, C] (5 dims), got shape {tuple(video.shape)}"
-        )
-    t = video.shape[1]
-    if t < 1 or (t - 1) % temporal_compression != 0:
-        raise ValueError(
-            f"expected {name} with T = 1 + {temporal_compression}k frames, got T={t}"
-        )
-    return (t - 1) // temporal_compression
+  """Checks `video` is `[B, 1 + n*k, H, W, C]` and returns k."""
+  if video.ndim != 5:
+    raise ValueError(
+      f"expected {name} of shape [B, T, H, W, C] (5 dims), got shape {tuple(video.shape)}"
+    )
+  t = video.shape[1]
+  if t < 1 or (t - 1) % temporal_compression != 0:
+    raise ValueError(
+      f"expected {name} with T = 1 + {temporal_compression}k frames, got T={t}"
+    )
+  return (t - 1) // temporal_compression
 
 
 def psi_num_frames(num_frames: int, mapping: PsiMapping, temporal_compression: int = TEMPORAL_COMPRESSION) -> int:
-    """Number of target frames psi gives for a clip of `num_frames` = 1 + 4k frames: 1 + k, or 1 for FIRST."""
-    mapping = _require_mapping(mapping)
-    if num_frames < 1 or (num_frames - 1) % temporal_compression != 0:
-        raise ValueError(f"expected T = 1 + {temporal_compression}k frames, got T={num_frames}")
-    if mapping is PsiMapping.FIRST:
-        return 1
-    return 1 + (num_frames - 1) // temporal_compression
+  """Number of target frames psi gives for a clip of `num_frames` = 1 + 4k frames: 1 + k, or 1 for FIRST."""
+  mapping = _require_mapping(mapping)
+  if num_frames < 1 or (num_frames - 1) % temporal_compression != 0:
+    raise ValueError(f"expected T = 1 + {temporal_compression}k frames, got T={num_frames}")
+  if mapping is PsiMapping.FIRST:
+    return 1
+  return 1 + (num_frames - 1) // temporal_compression
 
 
 def psi(
-    video: jax.Array,
-    mapping: PsiMapping,
-    rng: Optional[jax.Array] = None,
-    *,
-    temporal_compression: int = TEMPORAL_COMPRESSION,
+  video: jax.Array,
+  mapping: PsiMapping,
+  rng: Optional[jax.Array] = None,
+  *,
+  temporal_compression: int = TEMPORAL_COMPRESSION,
 ) -> jax.Array:
-    """Maps a clip to the frames its latent frames stand for.
+  """Maps a clip to the frames its latent frames stand for.
 
-    Args:
+  Args:
       video: `[B, 1+4k, H, W, C]` (any float dtype; values are not changed except by MEAN's average).
       mapping: a `PsiMapping`. Frame 0 always maps to itself. For group i (frames 4i+1 .. 4i+4):
-        RANDOM picks one frame uniformly at random, independently per example (the original draws one set
-        of indices shared by the whole batch; per-example draws give more variety for the same cost);
-        SLICE picks frame 4i+4 (the last of the group, as the original's `x[:, :, ::4]`);
-        MEAN averages the group; FIRST keeps frame 0 only.
+    RANDOM picks one frame uniformly at random, independently per example (the original draws one set
+    of indices shared by the whole batch; per-example draws give more variety for the same cost);
+    SLICE picks frame 4i+4 (the last of the group, as the original's `x[:, :, ::4]`);
+    MEAN averages the group; FIRST keeps frame 0 only.
       rng: a PRNG key, required for RANDOM, ignored otherwise.
       temporal_compression: group size (4 in CV-VAE).
 
-    Returns:
+  Returns:
       `[B, 1+k, H, W, C]`; for FIRST `[B, 1, H, W, C]` (frame 0 only). As in the original's first-frame
       experiment (commented out in `LPIPSWithDiscriminatorAndDomainConstraint.forward`), FIRST is compared
       only with the decode of latent frame 0; `decoder_regularization` does that.
-    """
-    mapping = _require_mapping(mapping)
-    k = _num_groups(video, temporal_compression)
-    n = temporal_compression
-    if mapping is PsiMapping.FIRST:
-        return video[:, :1]
-    if mapping is PsiMapping.SLICE:
-        return video[:, ::n]
-    if mapping is PsiMapping.MEAN:
-        b, _, h, w, c = video.shape
-        groups = video[:, 1:].reshape(b, k, n, h, w, c)
-        return jnp.concatenate([video[:, :1], groups.mean(axis=2).astype(video.dtype)], axis=1)
-    # RANDOM
-    if rng is None:
-        raise ValueError("expected a PRNG key `rng` for PsiMapping.RANDOM, got None")
-    b = video.shape[0]
-    offsets = jax.random.randint(rng, (b, k), 1, n + 1)  # 1 .. n within each group
-    indices = jnp.concatenate(
-        [jnp.zeros((b, 1), offsets.dtype), offsets + n * jnp.arange(k, dtype=offsets.dtype)], axis=1
-    )  # [B, 1+k]
-    return jnp.take_along_axis(video, indices[:, :, None, None, None], axis=1)
+  """
+  mapping = _require_mapping(mapping)
+  k = _num_groups(video, temporal_compression)
+  n = temporal_compression
+  if mapping is PsiMapping.FIRST:
+    return video[:, :1]
+  if mapping is PsiMapping.SLICE:
+    return video[:, ::n]
+  if mapping is PsiMapping.MEAN:
+    b, _, h, w, c = video.shape
+    groups = video[:, 1:].reshape(b, k, n, h, w, c)
+    return jnp.concatenate([video[:, :1], groups.mean(axis=2).astype(video.dtype)], axis=1)
+  # RANDOM
+  if rng is None:
+    raise ValueError("expected a PRNG key `rng` for PsiMapping.RANDOM, got None")
+  b = video.shape[0]
+  offsets = jax.random.randint(rng, (b, k), 1, n + 1)  # 1 .. n within each group
+  indices = jnp.concatenate(
+    [jnp.zeros((b, 1), offsets.dtype), offsets + n * jnp.arange(k, dtype=offsets.dtype)], axis=1
+  )  # [B, 1+k]
+  return jnp.take_along_axis(video, indices[:, :, None, None, None], axis=1)
 
 
 class RegularizationAux(NamedTuple):
-    """What `decoder_regularization` returns beside the loss (a pytree, fine under jit).
+  """What `decoder_regularization` returns beside the loss (a pytree, fine under jit).
 
-    metrics: scalars `reg_decoder/l1` (mean |psi(x) - decoded| per element), `reg_decoder/nll` (the loss),
+  metrics: scalars `reg_decoder/l1` (mean |psi(x) - decoded| per element), `reg_decoder/nll` (the loss),
       `reg_decoder/logvar_2d`.
-    decoded: the image decoder's output `[B, L, H, W, 3]` (L = 1+k, or 1 for FIRST), e.g. for image logs.
-    targets: psi(x), `[B, L, H, W, 3]`.
-    """
+  decoded: the image decoder's output `[B, L, H, W, 3]` (L = 1+k, or 1 for FIRST), e.g. for image logs.
+  targets: psi(x), `[B, L, H, W, 3]`.
+  """
 
-    metrics: dict
-    decoded: jax.Array
-    targets: jax.Array
+  metrics: dict
+  decoded: jax.Array
+  targets: jax.Array
 
 
 def decoder_regularization(
-    latent: jax.Array,
-    target_video: jax.Array,
-    image_decode: Callable[[jax.Array], jax.Array],
-    mapping: PsiMapping,
-    rng: Optional[jax.Array],
-    logvar_2d: jax.Array,
-    *,
-    temporal_compression: int = TEMPORAL_COMPRESSION,
+  latent: jax.Array,
+  target_video: jax.Array,
+  image_decode: Callable[[jax.Array], jax.Array],
+  mapping: PsiMapping,
+  rng: Optional[jax.Array],
+  logvar_2d: jax.Array,
+  *,
+  temporal_compression: int = TEMPORAL_COMPRESSION,
 ) -> tuple[jax.Array, RegularizationAux]:
-    """Decoder-side latent regularization (the paper's default).
+  """Decoder-side latent regularization (the paper's default).
 
-    The frozen image decoder decodes each latent frame as an image; the L1 distance to psi(x) is turned
-    into a Laplace-style NLL with the learned scalar `logvar_2d`:
+  The frozen image decoder decodes each latent frame as an image; the L1 distance to psi(x) is turned
+  into a Laplace-style NLL with the learned scalar `logvar_2d`:
 
-        loss = sum_{n, h, w, c} (|psi(x) - D(z)| / exp(logvar_2d) + logvar_2d) / N
+    loss = sum_{n, h, w, c} (|psi(x) - D(z)| / exp(logvar_2d) + logvar_2d) / N
 
-    where N = B * L is the number of compared frames (L = 1+k, or 1 for FIRST): the sum runs over
-    pixels and channels, the mean over frames. This is the original's reduction
-    (`torch.sum(rec2d_loss) / rec2d_loss.shape[0]` on `(b t) c h w`); the released weight 1.0 (l1) is
-    set relative to it. No perceptual term, as in the original.
+  where N = B * L is the number of compared frames (L = 1+k, or 1 for FIRST): the sum runs over
+  pixels and channels, the mean over frames. This is the original's reduction
+  (`torch.sum(rec2d_loss) / rec2d_loss.shape[0]` on `(b t) c h w`); the released weight 1.0 (l1) is
+  set relative to it. No perceptual term, as in the original.
 
-    Args:
+  Args:
       latent: `[B, 1+k, h, w, Cz]`, the (sampled) video latent, unscaled, as the video encoder gives it.
-        Gradients flow through `image_decode` into it.
+    Gradients flow through `image_decode` into it.
       target_video: the input clip `[B, 1+4k, H, W, 3]` in [-1, 1].
       image_decode: the frozen image decoder, latents `[N, h, w, Cz]` -> images `[N, H, W, 3]`. Close over
-        its parameters and do not differentiate them (they have no optimizer state, see `optim.py`).
+    its parameters and do not differentiate them (they have no optimizer state, see `optim.py`).
       mapping: the psi mapping; for FIRST only latent frame 0 is decoded and compared with frame 0.
       rng: PRNG key for RANDOM (None otherwise).
       logvar_2d: learned scalar log-variance (init 0.0), trained with the generator.
 
-    Returns:
+  Returns:
       `(loss, aux)`: scalar float32 loss and a `RegularizationAux`.
-    """
-    mapping = _require_mapping(mapping)
-    k = _num_groups(target_video, temporal_compression, "target_video")
-    if latent.ndim != 5 or latent.shape[1] != 1 + k or latent.shape[0] != target_video.shape[0]:
-        raise ValueError(
-            f"expected latent of shape [B={target_video.shape[0]}, 1+k={1 + k}, h, w, C] for a "
-            f"target_video of shape {tuple(target_video.shape)}, got {tuple(latent.shape)}"
-        )
-    targets = psi(target_video, mapping, rng, temporal_compression=temporal_compression)
-    if mapping is PsiMapping.FIRST:
-        latent = latent[:, :1]
-    b, length, h, w, cz = latent.shape
-    decoded = image_decode(latent.reshape(b * length, h, w, cz))
-    expected = (b * length,) + tuple(targets.shape[2:])
-    if tuple(decoded.shape) != expected:
-        raise ValueError(
-            f"expected image_decode to return images of shape {expected}, got {tuple(decoded.shape)}"
-        )
-    decoded = decoded.reshape(targets.shape)
-    loss, metrics = _frame_l1_nll(targets, decoded, logvar_2d)
-    metrics = {
-        "reg_decoder/l1": metrics["l1"],
-        "reg_decoder/nll": loss,
-        "reg_decoder/logvar_2d": metrics["logvar"],
-    }
-    return loss, RegularizationAux(metrics=metrics, decoded=decoded, targets=targets)
+  """
+  mapping = _require_mapping(mapping)
+  k = _num_groups(target_video, temporal_compression, "target_video")
+  if latent.ndim != 5 or latent.shape[1] != 1 + k or latent.shape[0] != target_video.shape[0]:
+    raise ValueError(
+      f"expected latent of shape [B={target_video.shape[0]}, 1+k={1 + k}, h, w, C] for a "
+      f"target_video of shape {tuple(target_video.shape)}, got {tuple(latent.shape)}"
+    )
+  targets = psi(target_video, mapping, rng, temporal_compression=temporal_compression)
+  if mapping is PsiMapping.FIRST:
+    latent = latent[:, :1]
+  b, length, h, w, cz = latent.shape
+  decoded = image_decode(latent.reshape(b * length, h, w, cz))
+  expected = (b * length,) + tuple(targets.shape[2:])
+  if tuple(decoded.shape) != expected:
+    raise ValueError(
+      f"expected image_decode to return images of shape {expected}, got {tuple(decoded.shape)}"
+    )
+  decoded = decoded.reshape(targets.shape)
+  loss, metrics = _frame_l1_nll(targets, decoded, logvar_2d)
+  metrics = {
+    "reg_decoder/l1": metrics["l1"],
+    "reg_decoder/nll": loss,
+    "reg_decoder/logvar_2d": metrics["logvar"],
+  }
+  return loss, RegularizationAux(metrics=metrics, decoded=decoded, targets=targets)
 
 
 def _frame_l1_nll(targets: jax.Array, outputs: jax.Array, logvar: jax.Array) -> tuple[jax.Array, dict]:
-    """sum(|t - o| / exp(logvar) + logvar) / number of frames, in float32. Inputs `[..., H, W, C]`."""
-    targets = targets.astype(jnp.float32)
-    outputs = outputs.astype(jnp.float32)
-    logvar = jnp.asarray(logvar, jnp.float32)
-    num_frames = targets.size // (targets.shape[-3] * targets.shape[-2] * targets.shape[-1])
-    l1 = jnp.abs(targets - outputs)
-    loss = jnp.sum(l1 / jnp.exp(logvar) + logvar) / num_frames
-    return loss, {"l1": jnp.mean(l1), "logvar": logvar}
+  """sum(|t - o| / exp(logvar) + logvar) / number of frames, in float32. Inputs `[..., H, W, C]`."""
+  targets = targets.astype(jnp.float32)
+  outputs = outputs.astype(jnp.float32)
+  logvar = jnp.asarray(logvar, jnp.float32)
+  num_frames = targets.size // (targets.shape[-3] * targets.shape[-2] * targets.shape[-1])
+  l1 = jnp.abs(targets - outputs)
+  loss = jnp.sum(l1 / jnp.exp(logvar) + logvar) / num_frames
+  return loss, {"l1": jnp.mean(l1), "logvar": logvar}
 
 
 def encoder_regularization_latent(
-    target_video: jax.Array,
-    image_encode: Callable[[jax.Array], jax.Array],
-    mapping: PsiMapping,
-    rng: Optional[jax.Array],
-    *,
-    temporal_compression: int = TEMPORAL_COMPRESSION,
+  target_video: jax.Array,
+  image_encode: Callable[[jax.Array], jax.Array],
+  mapping: PsiMapping,
+  rng: Optional[jax.Array],
+  *,
+  temporal_compression: int = TEMPORAL_COMPRESSION,
 ) -> jax.Array:
-    """Encoder-side regularization (ablation): the latent the video decoder must rebuild the clip from.
+  """Encoder-side regularization (ablation): the latent the video decoder must rebuild the clip from.
 
-    The frozen image encoder encodes each target frame psi(x) as an image; the stacked latents are what the
-    video decoder decodes, and the train step compares that decode with the full clip using
-    `losses.reconstruction_nll` (same `logvar`), weighted by l2 (`LossWeights.reg_encoder_weight`).
+  The frozen image encoder encodes each target frame psi(x) as an image; the stacked latents are what the
+  video decoder decodes, and the train step compares that decode with the full clip using
+  `losses.reconstruction_nll` (same `logvar`), weighted by l2 (`LossWeights.reg_encoder_weight`).
 
-    Differences from the original (`AutoencodingEngineWithEncoderConstraint`), whose loss path crashes
-    (it logs a `logvar_2d` its loss class never defines): the original always uses SLICE, passes the image
-    encoder's moments through the same posterior sampler (adding their constant KL), and concatenates
-    this batch to the main one, so its reconstruction loss is the mean of both halves (an effective weight
-    of 0.5 on each) and the GAN sees both. Here the term stands alone with its own weight l2.
+  Differences from the original (`AutoencodingEngineWithEncoderConstraint`), whose loss path crashes
+  (it logs a `logvar_2d` its loss class never defines): the original always uses SLICE, passes the image
+  encoder's moments through the same posterior sampler (adding their constant KL), and concatenates
+  this batch to the main one, so its reconstruction loss is the mean of both halves (an effective weight
+  of 0.5 on each) and the GAN sees both. Here the term stands alone with its own weight l2.
 
-    Args:
+  Args:
       target_video: `[B, 1+4k, H, W, 3]` in [-1, 1].
       image_encode: the frozen image encoder, images `[N, H, W, 3]` -> latents `[N, h, w, Cz]` (the caller
-        decides mode or sample, and any scaling, so that the latent is in the video decoder's space).
+    decides mode or sample, and any scaling, so that the latent is in the video decoder's space).
       mapping: RANDOM, SLICE or MEAN. FIRST is rejected: a one-frame latent decodes to one frame, not the
-        clip.
+    clip.
       rng: PRNG key for RANDOM (None otherwise).
 
-    Returns:
+  Returns:
       `[B, 1+k, h, w, Cz]`, with gradients stopped (the image encoder is frozen, as `torch.no_grad()` in
       the original).
-    """
-    mapping = _require_mapping(mapping)
-    if mapping is PsiMapping.FIRST:
-        raise ValueError(
-            "expected psi mapping RANDOM, SLICE or MEAN for encoder-side regularization (the latent must "
-            "stand for the whole clip), got PsiMapping.FIRST"
-        )
-    targets = psi(target_video, mapping, rng, temporal_compression=temporal_compression)
-    b, length, h, w, c = targets.shape
-    latent = image_encode(targets.reshape(b * length, h, w, c))
-    if latent.ndim != 4 or latent.shape[0] != b * length:
-        raise ValueError(
-            f"expected image_encode to return latents of shape [{b * length}, h, w, C], "
-            f"got {tuple(latent.shape)}"
-        )
-    latent = latent.reshape((b, length) + tuple(latent.shape[1:]))
-    return jax.lax.stop_gradient(latent)
+  """
+  mapping = _require_mapping(mapping)
+  if mapping is PsiMapping.FIRST:
+    raise ValueError(
+      "expected psi mapping RANDOM, SLICE or MEAN for encoder-side regularization (the latent must "
+      "stand for the whole clip), got PsiMapping.FIRST"
+    )
+  targets = psi(target_video, mapping, rng, temporal_compression=temporal_compression)
+  b, length, h, w, c = targets.shape
+  latent = image_encode(targets.reshape(b * length, h, w, c))
+  if latent.ndim != 4 or latent.shape[0] != b * length:
+    raise ValueError(
+      f"expected image_encode to return latents of shape [{b * length}, h, w, C], "
+      f"got {tuple(latent.shape)}"
+    )
+  latent = latent.reshape((b, length) + tuple(latent.shape[1:]))
+  return jax.lax.stop_gradient(latent)
