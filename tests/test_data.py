@@ -394,6 +394,7 @@ def test_embedded_dataset_builds_offline_with_real_content(tmp_path, monkeypatch
   config = data_config.get_config("demo")
   config.embedded_dir = str(tmp_path)
   config.log_every_steps = 0
+  config.mixing = "alternate"  # 3 video and 3 image batches in 6 steps
   it = data.create_train_iterator(config, seed=0, process_index=0, process_count=1)
   batches = [next(it) for _ in range(6)]
   it.log()  # the periodic throughput line
