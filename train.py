@@ -30,6 +30,10 @@ def main(argv):
   from cvvae_jax import distributed, train_lib
 
   distributed.initialize()
+  import jax
+
+  if jax.process_index() > 0:
+    logging.set_verbosity(logging.WARNING)  # INFO logs from process 0 only; warnings and errors from all
   logging.info("config:\n%s", FLAGS.config)
   train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 

@@ -1,6 +1,7 @@
 """Multi-process start-up: `jax.distributed.initialize` from the standard environment, when there is one."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import jax
@@ -15,7 +16,8 @@ def initialize() -> None:
   """Calls `jax.distributed.initialize` when the environment describes several processes.
 
   Explicit: JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES, JAX_PROCESS_ID (and optionally
-  JAX_LOCAL_DEVICE_IDS). Automatic: SLURM and TPU pods (jax detects them). Otherwise a single process.
+  JAX_LOCAL_DEVICE_IDS). Automatic: SLURM and TPU VMs, single hosts and pods (jax detects them). Otherwise a
+  single process.
   """
   if os.environ.get(_COORDINATOR_ENV):
     missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in os.environ]
@@ -24,7 +26,10 @@ def initialize() -> None:
     jax.distributed.initialize(coordinator_address=os.environ[_COORDINATOR_ENV],
                                num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
                                process_id=int(os.environ["JAX_PROCESS_ID"]))
-  elif any(os.environ.get(k) for k in _AUTO_ENVS):
+  elif any(os.environ.get(k) for k in _AUTO_ENVS) or importlib.util.find_spec("libtpu") is not None:
+    # TPU VMs (libtpu installed; pods started with `gcloud ... ssh --worker=all`) set no environment: jax finds the
+    # workers from the TPU metadata server. Without this, TPU pods would run without the coordination service
+    # (no preemption sync point, so SIGTERM would not save a checkpoint).
     jax.distributed.initialize()
   else:
     return

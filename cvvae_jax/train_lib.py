@@ -534,7 +534,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   start_step = int(state.step)
 
   step_fn = TrainStep(models, mesh, state_sh, frozen_sh)
-  grid_fn = jax.jit(functools.partial(reconstruction_arrays, models))
+  grid_fn = jax.jit(functools.partial(reconstruction_arrays, models), out_shardings=replicated)
   meta = {"model": pretrained.model_spec(models.vae), "config": json.loads(config.to_json_best_effort()),
           "versions": _versions()}
   if image_vae is not None:
@@ -582,11 +582,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                      scalars.get("loss/reg_decoder", np.nan), scalars["perf/steps_per_s"], eta)
       if batch["video"].shape[1] > 1 or not models.is_video:
         picture_batch = batch["video"][:2]  # the latest clip batch (CV-VAE) or image batch, for pictures
-      if is_lead and step % config.train.image_every_steps == 0 and picture_batch is not None:
-        x_hat, decoded = jax.device_get(grid_fn(state.params, frozen, jnp.asarray(picture_batch)))
-        grid = reconstruction_grid(picture_batch, x_hat, decoded)
-        save_png(os.path.join(workdir, "images", f"reconstruction_{step:07d}.png"), grid)
-        writer.write_images(step, {"reconstruction": grid[None]})
+      if step % config.train.image_every_steps == 0 and picture_batch is not None:
+        # Every process runs the (sharded) reconstruction on process 0's clips; process 0 writes the picture.
+        pictures = _process0_array(picture_batch)
+        x_hat, decoded = jax.device_get(grid_fn(state.params, frozen, jax.make_array_from_callback(
+            pictures.shape, replicated, lambda index: pictures[index])))
+        if is_lead:
+          grid = reconstruction_grid(pictures, x_hat, decoded)
+          save_png(os.path.join(workdir, "images", f"reconstruction_{step:07d}.png"), grid)
+          writer.write_images(step, {"reconstruction": grid[None]})
       preempted = reached_preemption(step)
       if manager.should_save(step) or step == num_steps or preempted:
         manager.save(step, state, {**meta, "data": batches.state()}, force=True)
@@ -603,6 +607,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     with open(os.path.join(workdir, "history.json"), "w") as f:
       json.dump(history, f)
   return state
+
+
+def _process0_array(x: np.ndarray) -> np.ndarray:
+  """Process 0's `x` on every process (a collective: all processes call it); `x` itself with one process."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(x)))
 
 
 def _flat_config(config) -> dict[str, Any]:

@@ -1,0 +1,330 @@
+r"""Cost of one training step: FLOPs and memory per device of the full config, measured step time of the demo.
+
+    python bench/train_cost.py [--parts full,demo] [--full_cases g_f32,g_f32_remat,g_bf16_remat,d_f32]
+        [--fsdp 1] [--budget_s 600] [--demo_repeats 5] [--out bench/results]
+
+full: the paper's run, `configs/cvvae.py:sd21,full` (SD2.1 CV-VAE 128-256-512-512 x 2 res blocks, LPIPS, the
+  frozen SD2.1 image VAE as the latent regularizer, the 3D PatchGAN), one 17x256x256 clip per device (global batch
+  8 on 8 devices, the released recipe). Nothing is allocated: the state comes from `jax.eval_shape`, the batch is a
+  `ShapeDtypeStruct`; `jit(step).lower(...)` gives XLA's FLOPs (`cost_analysis`, 2 per multiply-add), and
+  `.compile().memory_analysis()` the buffers of one device: arguments (params, optimizer state, batch, frozen
+  nets), outputs (the new state, aliased to the donated one) and temporaries (activations kept for the backward
+  pass, gradients, workspace). Each case is compiled in its own process under `--budget_s` (full-size 3D convs take
+  minutes for XLA:CPU); a case that runs out of time keeps its FLOPs. Cases: `g_`/`d_` the generator or
+  discriminator update, `f32`/`bf16` `config.train.compute_dtype`, `_remat` `config.train.remat=True`; `--fsdp K`
+  compiles on K fake CPU devices with the parameters and optimizer state split over them (`config.mesh.fsdp=K`).
+  The image stream (8 images of 320x320 per device) is listed by FLOPs only (`img_` cases).
+demo: `configs/cvvae.py:sd21,demo` on this CPU, one device, random weights (the demo image VAE architecture as the
+  regularizer, the packaged LPIPS): compile time, median step time of `--demo_repeats` calls after one warm-up,
+  FLOPs and GFLOP/s of each of the four programs the demo runs (generator/discriminator x clip/image batch).
+
+Writes `<out>/train_cost.json` and `<out>/train_cost.md`. Interpretation and accelerator estimates: bench/README_train.md
+and docs/scale.md.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_FULL_CASES = "g_f32,g_f32_remat,g_bf16_remat,d_f32,img_g_f32"
+CLIP = (17, 256, 256)   # per device, the released video recipe
+IMAGES = (8, 320, 320)  # per device: the released image stream (global batch 64 on 8 devices)
+# XLA:CPU's default (concurrency-optimized) scheduler hoists rematerialized computations next to the forward pass,
+# so `memory_analysis` shows no saving from remat; the memory-minimizing scheduler (as on TPU/GPU, which schedule
+# under a memory limit) does. Compile times are measured with it too.
+MEMORY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def _gib(n) -> float | None:
+  return None if n is None else round(n / 2**30, 3)
+
+
+def _flops(analysis) -> float | None:
+  if analysis is None:
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  return float(analysis.get("flops", 0.0)) or None
+
+
+def _memory(compiled) -> dict:
+  m = compiled.memory_analysis()
+  out = {k: _gib(getattr(m, f"{k}_size_in_bytes", None)) for k in ("argument", "output", "alias", "temp",
+                                                                     "generated_code")}
+  # Live at once on a device: arguments + temporaries + outputs that are not aliased to (donated) arguments.
+  out["peak_estimate"] = round(out["argument"] + out["temp"] + max(out["output"] - out["alias"], 0.0), 3)
+  return out
+
+
+def _parse_case(name: str) -> dict:
+  """`[img_](g|d)_(f32|bf16)[_remat][_sp<K>]`, e.g. `g_bf16_remat_sp4`."""
+  words = name.split("_")
+  image = words[0] == "img"
+  if image:
+    words = words[1:]
+  sp = [w for w in words[2:] if w.startswith("sp") and w[2:].isdigit()]
+  if (len(words) < 2 or words[0] not in ("g", "d") or words[1] not in ("f32", "bf16")
+      or set(words[2:]) - {"remat", *sp} or len(sp) > 1 or (image and sp)):
+    raise ValueError(f"--full_cases: expected cases like g_f32, d_bf16_remat, g_bf16_remat_sp4, img_g_f32; got "
+                     f"{name!r}")
+  return dict(name=name, update={"g": "generator", "d": "discriminator"}[words[0]], dtype={
+      "f32": "float32", "bf16": "bfloat16"}[words[1]], remat="remat" in words, image=image,
+              spatial=int(sp[0][2:]) if sp else 1)
+
+
+# ------------------------------------------------------------------------------------------------------- workers
+
+
+def worker_full(case_name: str, fsdp: int, compile_: bool) -> dict:
+  """One full-config case in this process (XLA_FLAGS set by the parent for the devices it needs)."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from configs import cvvae as cvvae_config
+  from cvvae_jax import lpips, sharding, train_lib
+  from cvvae_jax.sd_vae import ImageVAE
+
+  case = _parse_case(case_name)
+  sp = case["spatial"]
+  devices = fsdp * sp
+  config = cvvae_config.get_config("sd21,full")
+  with config.unlocked():
+    config.train.compute_dtype = case["dtype"]
+    config.train.remat = case["remat"]
+    config.mesh.data, config.mesh.fsdp = 1, devices
+  image_vae = ImageVAE()  # SD2.1's image VAE (diffusers AutoencoderKL config), the frozen regularizer
+  models = train_lib.build_models(config, image_vae)
+  mesh = sharding.make_mesh(config.mesh)
+  frozen = {"lpips": lpips.lpips_param_shapes(),
+            "image_vae": jax.eval_shape(image_vae.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"]}
+  abstract = jax.eval_shape(functools.partial(train_lib.init_state, models), jax.random.PRNGKey(0))
+  state_sh = sharding.state_shardings(abstract, mesh)
+  frozen_sh = sharding.param_shardings(frozen, mesh)
+  update = train_lib.Update(case["update"])
+  per_device = (IMAGES[0], 1, *IMAGES[1:]) if case["image"] else (1, *CLIP)
+  if sp == 1:  # the trainer's program: the batch split over the devices
+    fn = train_lib.TrainStep(models, mesh, state_sh, frozen_sh)._fns[update]  # pylint: disable=protected-access
+    batch = {"video": jax.ShapeDtypeStruct((per_device[0] * devices, *per_device[1:], 3), jnp.float32)}
+  else:  # one clip on `sp` devices, its height split over them (XLA partitions the convolutions spatially)
+    if fsdp != 1:
+      raise ValueError(f"{case_name}: spatial cases put one clip on their {sp} devices; expected --fsdp 1")
+    per_device = (1, CLIP[0], CLIP[1] // sp, CLIP[2])
+    replicated = NamedSharding(mesh, P())
+    fn = jax.jit(functools.partial(train_lib.train_step, models=models, update=update),
+                 in_shardings=(state_sh, {"video": NamedSharding(mesh, P(None, None, "fsdp"))}, replicated,
+                               frozen_sh), out_shardings=(state_sh, replicated), donate_argnums=(0,))
+    batch = {"video": jax.ShapeDtypeStruct((1, *CLIP, 3), jnp.float32)}
+
+  count = lambda tree: sum(x.size for x in jax.tree_util.tree_leaves(tree))
+  out = dict(case=case_name, **case, devices=devices, per_device_batch=list(per_device),
+             params_vae=count(abstract.params["vae"]), params_disc=count(abstract.disc_params),
+             params_frozen=count(frozen))
+  t = time.perf_counter()
+  lowered = fn.lower(abstract, batch, jax.ShapeDtypeStruct((2,), jnp.uint32), frozen)
+  out["lower_s"] = round(time.perf_counter() - t, 1)
+  out["flops_per_device"] = _flops(lowered.cost_analysis())
+  if out["flops_per_device"]:
+    out["flops_per_device"] /= devices  # the lowered program is the global one
+  print(json.dumps({"partial": out}), flush=True)  # kept if the compile runs out of time
+  if compile_:
+    t = time.perf_counter()
+    compiled = lowered.compile()
+    out["compile_s"] = round(time.perf_counter() - t, 1)
+    out["memory_gib"] = _memory(compiled)
+    out["flops_per_device_compiled"] = _flops(compiled.cost_analysis())
+  return out
+
+
+def worker_demo(repeats: int) -> dict:
+  """The demo config's four programs on this CPU (one device), random weights."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from configs import cvvae as cvvae_config, image_vae as image_vae_config
+  from cvvae_jax import lpips, sharding, train_lib
+
+  config = cvvae_config.get_config("sd21,demo")
+  image_vae = train_lib.build_vae(image_vae_config.get_config("sd21,demo").model)
+  models = train_lib.build_models(config, image_vae)
+  mesh = sharding.make_mesh(config.mesh)
+  frozen = {"lpips": lpips.load_lpips_params(),
+            "image_vae": jax.jit(image_vae.init)(jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 3)))["params"]}
+  state_sh = sharding.state_shardings(jax.eval_shape(functools.partial(train_lib.init_state, models),
+                                                     jax.random.PRNGKey(0)), mesh)
+  frozen_sh = sharding.param_shardings(jax.eval_shape(lambda: frozen), mesh)
+  frozen = jax.device_put(frozen, frozen_sh)
+  step_fn = train_lib.TrainStep(models, mesh, state_sh, frozen_sh)
+  state = jax.jit(functools.partial(train_lib.init_state, models), out_shardings=state_sh)(jax.random.PRNGKey(0))
+  rng = jax.random.PRNGKey(0)
+  rows = []
+  for stream in ("video", "image"):
+    s = config.data.streams[stream]
+    shape = (s.batch_size, s.frames, *s.size, 3)
+    x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+    batch = sharding.shard_host_batch({"video": x}, mesh)
+    for update in (train_lib.Update.GENERATOR, train_lib.Update.DISCRIMINATOR):
+      fn = step_fn._fns[update]  # pylint: disable=protected-access
+      t = time.perf_counter()
+      compiled = fn.lower(state, batch, rng, frozen).compile()
+      compile_s = time.perf_counter() - t
+      flops = _flops(compiled.cost_analysis())
+      # Steps after disc_start (the GAN term and its adaptive weight on): the costlier branch of the step.
+      st = state.replace(step=jnp.asarray(config.loss.disc_start, jnp.int32))
+      times = []
+      for i in range(repeats + 1):
+        st_in = jax.tree_util.tree_map(jnp.copy, st)  # the step donates its state
+        jax.block_until_ready(st_in)
+        t = time.perf_counter()
+        out_state, metrics = compiled(st_in, batch, rng, frozen)
+        jax.block_until_ready((out_state, metrics))
+        if i:
+          times.append(time.perf_counter() - t)
+      step_s = float(np.median(times))
+      rows.append(dict(stream=stream, batch=list(shape), update=update.value, compile_s=round(compile_s, 1),
+                       step_s=round(step_s, 3), flops=flops, gflops_per_s=round(flops / step_s / 1e9, 1)
+                       if flops else None, memory_gib=_memory(compiled)))
+      print(json.dumps({"partial": rows[-1]}), flush=True)
+  return {"rows": rows, "mix": dict(video=float(config.data.streams.video.weight),
+                                    image=float(config.data.streams.image.weight))}
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+  import numpy as np
+  a = np.random.default_rng(0).standard_normal((n, n), np.float32)
+  a @ a
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    a @ a
+    times.append(time.perf_counter() - t)
+  return round(2 * n ** 3 / min(times) / 1e9, 1)
+
+
+# ------------------------------------------------------------------------------------------------------- driver
+
+
+def run_worker(args: list[str], env_extra: dict[str, str], budget_s: float) -> tuple[dict | None, str]:
+  """Runs this script as a worker; returns (its final JSON or the last partial one, status)."""
+  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu", **env_extra)
+  cmd = [sys.executable, os.path.abspath(__file__), *args]
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    stdout, stderr = proc.communicate(timeout=budget_s)
+    status = "ok" if proc.returncode == 0 else f"failed ({proc.returncode}): {stderr.strip().splitlines()[-1:]}"
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    stdout, stderr = proc.communicate()
+    status = f"out of time ({budget_s:.0f} s)"
+  result = None
+  for line in stdout.splitlines():
+    if line.startswith("{"):
+      obj = json.loads(line)
+      result = obj.get("result", obj.get("partial"))
+  return result, status
+
+
+def _fmt(x, digits=2):
+  if x is None:
+    return "-"
+  if isinstance(x, float):
+    return f"{x:.{digits}f}"
+  return str(x)
+
+
+def write_markdown(path: str, report: dict) -> None:
+  lines = [f"# Training step cost ({report['machine']}, jax {report['jax']})", "",
+           f"numpy fp32 matmul: {report['matmul_gflops']} GFLOP/s (machine load at the start: "
+           f"{report['load']})", ""]
+  if report.get("full"):
+    lines += ["## Full config (sd21,full), per device", "",
+              "| case | per-device input | devices | TFLOP/step/device | args GiB | temp GiB | out-alias GiB | peak est. GiB "
+              "| compile s | status |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["full"]:
+      m = r.get("memory_gib") or {}
+      lines.append(f"| {r['case']} | {'x'.join(map(str, r['per_device_batch']))} | {r.get('devices')} | "
+                   f"{_fmt(r['flops_per_device'] and r['flops_per_device'] / 1e12)} | {_fmt(m.get('argument'))} | "
+                   f"{_fmt(m.get('temp'))} | {_fmt(max(m['output'] - m['alias'], 0.0) if m else None)} | "
+                   f"{_fmt(m.get('peak_estimate'))} | {_fmt(r.get('compile_s'), 0)} | {r['status']} |")
+    lines.append("")
+  if report.get("demo"):
+    lines += ["## Demo config (sd21,demo) on this CPU, one device", "",
+              "| stream | batch | update | compile s | step s | GFLOP/step | GFLOP/s | temp GiB |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in report["demo"]["rows"]:
+      lines.append(f"| {r['stream']} | {'x'.join(map(str, r['batch']))} | {r['update']} | {r['compile_s']} | "
+                   f"{r['step_s']} | {_fmt(r['flops'] and r['flops'] / 1e9, 1)} | {_fmt(r['gflops_per_s'], 1)} | "
+                   f"{_fmt(r['memory_gib']['temp'], 3)} |")
+    if report["demo"].get("mean_step_s") is not None:
+      lines += ["", f"Mean step time of the demo's mix (streams drawn {report['demo']['mix']}, G and D "
+                f"alternating): {report['demo']['mean_step_s']:.3f} s"]
+    lines.append("")
+  with open(path, "w") as f:
+    f.write("\n".join(lines))
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--parts", default="full,demo")
+  parser.add_argument("--full_cases", default=DEFAULT_FULL_CASES)
+  parser.add_argument("--fsdp", type=int, default=1, help="fake CPU devices the full config is compiled on")
+  parser.add_argument("--budget_s", type=float, default=600, help="seconds per worker process")
+  parser.add_argument("--lower_only", action="store_true", help="full config: FLOPs only, no compile")
+  parser.add_argument("--demo_repeats", type=int, default=5)
+  parser.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
+  parser.add_argument("--_worker", default="", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+
+  if args._worker:  # pylint: disable=protected-access
+    kind, _, name = args._worker.partition(":")
+    result = worker_full(name, args.fsdp, not args.lower_only) if kind == "full" else worker_demo(args.demo_repeats)
+    print(json.dumps({"result": result}), flush=True)
+    return 0
+
+  import jax
+
+  parts = [p for p in args.parts.split(",") if p]
+  report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "jax": jax.__version__,
+            "load": " ".join(f"{x:.1f}" for x in os.getloadavg()), "matmul_gflops": matmul_gflops()}
+  if "full" in parts:
+    report["full"] = []
+    for name in filter(None, args.full_cases.split(",")):
+      devices = args.fsdp * _parse_case(name)["spatial"]
+      extra = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {MEMORY_SCHEDULER}"}
+      compile_ = not args.lower_only and not name.startswith("img_")
+      t = time.time()
+      result, status = run_worker(["--_worker", f"full:{name}", "--fsdp", str(args.fsdp)]
+                                  + ([] if compile_ else ["--lower_only"]), extra, args.budget_s)
+      row = dict(result or {"case": name, "per_device_batch": [], "devices": devices, "flops_per_device": None},
+                 status=status, wall_s=round(time.time() - t, 1))
+      report["full"].append(row)
+      print(json.dumps(row), flush=True)
+  if "demo" in parts:
+    result, status = run_worker(["--_worker", "demo", "--demo_repeats", str(args.demo_repeats)], {}, args.budget_s)
+    report["demo"] = dict(rows=result["rows"] if result and "rows" in result else ([result] if result else []),
+                          status=status, mix=(result or {}).get("mix"))
+    rows = {(r["stream"], r["update"]): r["step_s"] for r in report["demo"]["rows"]}
+    mix = report["demo"]["mix"]
+    if mix and len(rows) == 4:
+      total = sum(mix.values())
+      report["demo"]["mean_step_s"] = sum(mix[s] / total * (rows[(s, "generator")] + rows[(s, "discriminator")]) / 2
+                                          for s in mix)
+    print(json.dumps(report["demo"]), flush=True)
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "train_cost.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  write_markdown(os.path.join(args.out, "train_cost.md"), report)
+  print(open(os.path.join(args.out, "train_cost.md")).read())
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
