@@ -1,7 +1,7 @@
 r"""Cost of one training step: FLOPs and memory per device of the full config, measured step time of the demo.
 
-    python bench/train_cost.py [--parts full,demo] [--full_cases g_f32,g_f32_remat,g_bf16_remat,d_f32]
-        [--fsdp 1] [--budget_s 600] [--demo_repeats 5] [--out bench/results]
+    python bench/train_cost.py [--parts full,demo] [--full_cases g_f32,g_bf16_remat,g_bf16_remat_sp4,...]
+        [--fsdp 1] [--platform cpu] [--budget_s 600] [--demo_repeats 5] [--out bench/results]
 
 full: the paper's run, `configs/cvvae.py:sd21,full` (SD2.1 CV-VAE 128-256-512-512 x 2 res blocks, LPIPS, the
   frozen SD2.1 image VAE as the latent regularizer, the 3D PatchGAN), one 17x256x256 clip per device (global batch
@@ -13,7 +13,9 @@ full: the paper's run, `configs/cvvae.py:sd21,full` (SD2.1 CV-VAE 128-256-512-51
   minutes for XLA:CPU); a case that runs out of time keeps its FLOPs. Cases: `g_`/`d_` the generator or
   discriminator update, `f32`/`bf16` `config.train.compute_dtype`, `_remat` `config.train.remat=True`; `--fsdp K`
   compiles on K fake CPU devices with the parameters and optimizer state split over them (`config.mesh.fsdp=K`).
-  The image stream (8 images of 320x320 per device) is listed by FLOPs only (`img_` cases).
+  `img_` cases: the image stream (8 images of 320x320 per device, the released recipe). `_sp<K>`: one clip on K
+  devices, its height split over them (input sharded `P(None, None, "fsdp")`, XLA partitions the convolutions
+  spatially with halo exchanges; parameters split over the same K devices): memory of activation sharding.
 demo: `configs/cvvae.py:sd21,demo` on this CPU, one device, random weights (the demo image VAE architecture as the
   regularizer, the packaged LPIPS): compile time, median step time of `--demo_repeats` calls after one warm-up,
   FLOPs and GFLOP/s of each of the four programs the demo runs (generator/discriminator x clip/image batch).
@@ -33,7 +35,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_FULL_CASES = "g_f32,g_f32_remat,g_bf16_remat,d_f32,img_g_f32"
+DEFAULT_FULL_CASES = "g_f32,g_f32_remat,g_bf16,g_bf16_remat,d_f32,g_bf16_remat_sp4,img_g_bf16_remat"
 CLIP = (17, 256, 256)   # per device, the released video recipe
 IMAGES = (8, 320, 320)  # per device: the released image stream (global batch 64 on 8 devices)
 # XLA:CPU's default (concurrency-optimized) scheduler hoists rematerialized computations next to the forward pass,
@@ -102,7 +104,9 @@ def worker_full(case_name: str, fsdp: int, compile_: bool) -> dict:
     config.mesh.data, config.mesh.fsdp = 1, devices
   image_vae = ImageVAE()  # SD2.1's image VAE (diffusers AutoencoderKL config), the frozen regularizer
   models = train_lib.build_models(config, image_vae)
-  mesh = sharding.make_mesh(config.mesh)
+  if len(jax.devices()) < devices:
+    raise ValueError(f"{case_name}: needs {devices} devices, {jax.devices()[0].platform} has {len(jax.devices())}")
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:devices])
   frozen = {"lpips": lpips.lpips_param_shapes(),
             "image_vae": jax.eval_shape(image_vae.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"]}
   abstract = jax.eval_shape(functools.partial(train_lib.init_state, models), jax.random.PRNGKey(0))
@@ -155,7 +159,7 @@ def worker_demo(repeats: int) -> dict:
   config = cvvae_config.get_config("sd21,demo")
   image_vae = train_lib.build_vae(image_vae_config.get_config("sd21,demo").model)
   models = train_lib.build_models(config, image_vae)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
   frozen = {"lpips": lpips.load_lpips_params(),
             "image_vae": jax.jit(image_vae.init)(jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 3)))["params"]}
   state_sh = sharding.state_shardings(jax.eval_shape(functools.partial(train_lib.init_state, models),
@@ -214,7 +218,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 def run_worker(args: list[str], env_extra: dict[str, str], budget_s: float) -> tuple[dict | None, str]:
   """Runs this script as a worker; returns (its final JSON or the last partial one, status)."""
-  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu", **env_extra)
+  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2", **env_extra)
   cmd = [sys.executable, os.path.abspath(__file__), *args]
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
@@ -246,12 +250,14 @@ def write_markdown(path: str, report: dict) -> None:
            f"{report['load']})", ""]
   if report.get("full"):
     lines += ["## Full config (sd21,full), per device", "",
-              "| case | per-device input | devices | TFLOP/step/device | args GiB | temp GiB | out-alias GiB | peak est. GiB "
-              "| compile s | status |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| case | per-device input | devices | TFLOP/step/device (ideal / compiled) | args GiB | temp GiB "
+              "| out-alias GiB | peak est. GiB | compile s | status |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["full"]:
       m = r.get("memory_gib") or {}
       lines.append(f"| {r['case']} | {'x'.join(map(str, r['per_device_batch']))} | {r.get('devices')} | "
-                   f"{_fmt(r['flops_per_device'] and r['flops_per_device'] / 1e12)} | {_fmt(m.get('argument'))} | "
+                   f"{_fmt(r['flops_per_device'] and r['flops_per_device'] / 1e12)} / "
+                   f"{_fmt(r.get('flops_per_device_compiled') and r['flops_per_device_compiled'] / 1e12)} | "
+                   f"{_fmt(m.get('argument'))} | "
                    f"{_fmt(m.get('temp'))} | {_fmt(max(m['output'] - m['alias'], 0.0) if m else None)} | "
                    f"{_fmt(m.get('peak_estimate'))} | {_fmt(r.get('compile_s'), 0)} | {r['status']} |")
     lines.append("")
@@ -275,7 +281,11 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--parts", default="full,demo")
   parser.add_argument("--full_cases", default=DEFAULT_FULL_CASES)
-  parser.add_argument("--fsdp", type=int, default=1, help="fake CPU devices the full config is compiled on")
+  parser.add_argument("--fsdp", type=int, default=1,
+                      help="devices the parameters (and the batch: one clip each) are split over")
+  parser.add_argument("--platform", default="cpu", choices=("cpu", "gpu", "tpu"),
+                      help="backend of the workers: cpu uses fake devices; on gpu/tpu the first --fsdp (or K) "
+                           "real devices, and `memory_analysis` is that compiler's")
   parser.add_argument("--budget_s", type=float, default=600, help="seconds per worker process")
   parser.add_argument("--lower_only", action="store_true", help="full config: FLOPs only, no compile")
   parser.add_argument("--demo_repeats", type=int, default=5)
@@ -292,14 +302,17 @@ def main(argv=None) -> int:
   import jax
 
   parts = [p for p in args.parts.split(",") if p]
-  report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "jax": jax.__version__,
+  report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "platform": args.platform,
+            "jax": jax.__version__,
             "load": " ".join(f"{x:.1f}" for x in os.getloadavg()), "matmul_gflops": matmul_gflops()}
   if "full" in parts:
     report["full"] = []
     for name in filter(None, args.full_cases.split(",")):
       devices = args.fsdp * _parse_case(name)["spatial"]
-      extra = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {MEMORY_SCHEDULER}"}
-      compile_ = not args.lower_only and not name.startswith("img_")
+      extra = {"JAX_PLATFORMS": args.platform}
+      if args.platform == "cpu":
+        extra["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {MEMORY_SCHEDULER}"
+      compile_ = not args.lower_only
       t = time.time()
       result, status = run_worker(["--_worker", f"full:{name}", "--fsdp", str(args.fsdp)]
                                   + ([] if compile_ else ["--lower_only"]), extra, args.budget_s)
@@ -308,7 +321,8 @@ def main(argv=None) -> int:
       report["full"].append(row)
       print(json.dumps(row), flush=True)
   if "demo" in parts:
-    result, status = run_worker(["--_worker", "demo", "--demo_repeats", str(args.demo_repeats)], {}, args.budget_s)
+    result, status = run_worker(["--_worker", "demo", "--demo_repeats", str(args.demo_repeats)],
+                                {"JAX_PLATFORMS": args.platform}, args.budget_s)
     report["demo"] = dict(rows=result["rows"] if result and "rows" in result else ([result] if result else []),
                           status=status, mix=(result or {}).get("mix"))
     rows = {(r["stream"], r["update"]): r["step_s"] for r in report["demo"]["rows"]}

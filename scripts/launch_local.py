@@ -6,7 +6,10 @@ Each process gets the environment `cvvae_jax.distributed.initialize()` reads (wh
 scheduler would set): `JAX_COORDINATOR_ADDRESS=127.0.0.1:<port>`, `JAX_NUM_PROCESSES=N`, `JAX_PROCESS_ID=i`,
 plus `JAX_PLATFORMS=cpu`, `XLA_FLAGS=--xla_force_host_platform_device_count=K` (K CPU devices per process,
 so N * K devices in the global mesh) and `JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo` (cross-process
-collectives over TCP; gloo is also jax 0.10's default once `jax.distributed` is initialized).
+collectives over TCP; gloo is also jax 0.10's default once `jax.distributed` is initialized). The persistent
+compilation cache is off in these processes (`JAX_ENABLE_COMPILATION_CACHE=false`: on CPU its keys differ per
+process, so only process 0 would hit it and the others would reach the first collective too late for gloo's 30 s
+rendezvous) and process 0 compiles each program once for all of them (`JAX_SHARE_BINARY_BETWEEN_HOSTS=true`).
 
 Every output line of process i is printed as `[p<i>] <line>`. The launcher
   * prints `launch: process <i> pid <pid>` for each process (tests use it to signal one process);
