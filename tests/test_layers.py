@@ -1,0 +1,89 @@
+"""layers: the sub-pixel upsample convolution equals nearest upsampling followed by the convolution."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cvvae_jax import layers
+
+ZEROS, REPLICATE = layers.Pad.ZEROS, layers.Pad.REPLICATE
+
+
+def _nearest_then_conv(x, kernel, bias, padding):
+  """The definition: upsample H and W 2x by repetition, then the convolution (time, if any, is not upsampled)."""
+  x = jnp.repeat(jnp.repeat(x, 2, axis=-3), 2, axis=-2)
+  return layers.conv_apply(x, kernel, bias, padding=padding)
+
+
+def _arrays(x_shape, kernel_shape, seed=0):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal(kernel_shape) / np.sqrt(np.prod(kernel_shape[:-1])), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(kernel_shape[-1]), jnp.float32)
+  return x, kernel, bias
+
+
+@pytest.mark.parametrize("space", [ZEROS, REPLICATE])
+def test_upsample_conv_equals_nearest_then_conv_image(space):
+  x, kernel, bias = _arrays((2, 5, 7, 4), (3, 3, 4, 6))
+  padding = ((1, 1, space),) * 2
+  got = layers.upsample_conv_apply(x, kernel, bias, padding=padding)
+  want = _nearest_then_conv(x, kernel, bias, padding)
+  assert got.shape == (2, 10, 14, 6)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("space,time", [(ZEROS, ZEROS), (ZEROS, REPLICATE), (REPLICATE, REPLICATE)])
+def test_upsample_conv_equals_nearest_then_conv_video(space, time):
+  x, kernel, bias = _arrays((1, 3, 4, 6, 4), (3, 3, 3, 4, 8))
+  padding = ((1, 1, time),) + ((1, 1, space),) * 2
+  got = layers.upsample_conv_apply(x, kernel, bias, padding=padding)
+  want = _nearest_then_conv(x, kernel, bias, padding)
+  assert got.shape == (1, 3, 8, 12, 8)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_upsample_conv_gradients_match():
+  x, kernel, bias = _arrays((1, 2, 4, 5, 4), (3, 3, 3, 4, 4), seed=1)
+  padding = ((1, 1, REPLICATE),) + ((1, 1, ZEROS),) * 2
+  loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k, bias, padding=padding)))
+  got = jax.grad(loss(layers.upsample_conv_apply), argnums=(0, 1))(x, kernel)
+  want = jax.grad(loss(lambda x, k, b, padding: _nearest_then_conv(x, k, b, padding)), argnums=(0, 1))(x, kernel)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("video,temporal,pad", [(False, False, ZEROS), (False, False, REPLICATE), (True, False, ZEROS),
+                                                (True, True, REPLICATE), (True, True, ZEROS)])
+def test_upsample_layer_matches_its_definition(video, temporal, pad):
+  """`Upsample` (params `conv/kernel`, `conv/bias` as before) == repeat, conv, depth-to-time, drop frame 0."""
+  style = layers.ConvStyle(video=video, space_pad=pad, up_time_pad=pad)
+  shape = (1, 3, 4, 5, 4) if video else (2, 4, 5, 4)
+  factor = 2 if temporal else 1
+  x, kernel, bias = _arrays(shape, ((3,) if video else ()) + (3, 3, 4, 4 * factor), seed=2)
+  module = layers.Upsample(style, temporal)
+  params = module.init(jax.random.PRNGKey(0), x)["params"]
+  assert jax.tree.map(jnp.shape, params) == {"conv": {"kernel": kernel.shape, "bias": bias.shape}}
+  got = module.apply({"params": {"conv": {"kernel": kernel, "bias": bias}}}, x)
+  want = _nearest_then_conv(x, kernel, bias, style.up_padding())
+  if temporal:
+    want = layers.depth_to_time(want, 2)[:, 1:]
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_upsample_conv_bfloat16_rounds_once():
+  x, kernel, bias = _arrays((1, 4, 4, 8), (3, 3, 8, 8), seed=3)
+  padding = ((1, 1, ZEROS),) * 2
+  got = layers.upsample_conv_apply(x, kernel, bias, padding=padding, dtype=jnp.bfloat16)
+  want = _nearest_then_conv(x, kernel, bias, padding)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=5e-2, rtol=2e-2)
+
+
+def test_upsample_conv_rejects_other_paddings():
+  x, kernel, bias = _arrays((1, 4, 4, 2), (3, 3, 2, 2))
+  with pytest.raises(ValueError, match="padding"):
+    layers.upsample_conv_apply(x, kernel, bias, padding=((0, 1, ZEROS), (1, 1, ZEROS)))
+  with pytest.raises(ValueError, match="one mode"):
+    layers.upsample_conv_apply(x, kernel, bias, padding=((1, 1, ZEROS), (1, 1, REPLICATE)))
