@@ -14,7 +14,9 @@ Ours: `jax.jit` of the plain encode (posterior mean) / decode; compile time is r
 median of `--repeats` calls after the compile. Theirs: `torch.inference_mode`, `torch.set_num_threads(--threads)`,
 one warm-up call, then the median of `--repeats`. FLOPs: torch's FlopCounterMode (convolutions and matmuls, 2 per
 MAC) on the torch side, XLA's cost analysis on ours. A numpy fp32 matmul rate is measured before every pair of runs
-(the machine may be shared: compare only numbers measured side by side). Writes `<out>/vae_speed.json` and
+(the machine may be shared: compare only numbers measured side by side). Then a third process loads both sides and
+alternates their calls (`--pair_repeats`, best and median of each): its time ratio is the one to trust when other
+jobs load the machine, since separate processes run minutes apart under different load. Writes `<out>/vae_speed.json` and
 `<out>/vae_speed.md`.
 """
 from __future__ import annotations
@@ -170,6 +172,51 @@ def worker_torch(folder: str, case: dict, direction: str, repeats: int, threads:
               torch=torch.__version__, threads=torch.get_num_threads())
 
 
+def worker_pair(folder: str, case: dict, direction: str, repeats: int, threads: int, original_repo: str) -> dict:
+  """Both sides in one process, calls alternated (ours, torch, ours, torch, ...): load from other jobs on the machine
+  then hits both alike, so the time ratio is meaningful even when absolute times drift. (RSS is per side, measured by
+  the separate workers.) Also checks that both give the same output."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+
+  import cvvae_jax
+
+  torch.set_num_threads(threads)
+  model, params = cvvae_jax.load_pretrained(folder)
+  params = jax.device_put(params)
+  if case["model"] == "image":
+    from diffusers import AutoencoderKL
+    theirs = AutoencoderKL.from_pretrained(folder).eval()
+  else:
+    sys.path.insert(0, REPO)
+    from bench import torch_original
+    theirs = torch_original.load_original_class(original_repo).from_pretrained(folder).eval()
+  shape = case["shape"] if direction == "encode" else latent_shape(case)
+  x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+  xj, xt = jnp.asarray(x), torch.from_numpy(np.moveaxis(x, -1, 1).copy())
+  if direction == "encode":
+    ours = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode").mean).lower(params, xj).compile()
+    call = lambda: theirs.encode(xt).latent_dist.mean
+  else:
+    ours = jax.jit(lambda p, z: model.apply({"params": p}, z, method="decode")).lower(params, xj).compile()
+    call = lambda: theirs.decode(xt).sample
+  times = dict(ours=[], torch=[])
+  with torch.inference_mode():
+    diff = float(np.max(np.abs(np.asarray(ours(params, xj)) - np.moveaxis(call().numpy(), 1, -1))))  # warm-up
+    for _ in range(repeats):
+      t = time.perf_counter()
+      ours(params, xj).block_until_ready()
+      times["ours"].append(time.perf_counter() - t)
+      t = time.perf_counter()
+      call()
+      times["torch"].append(time.perf_counter() - t)
+  return dict(side="pair", times_s=times, max_abs_diff=diff, loadavg_end=os.getloadavg(),
+              best_ratio=min(times["ours"]) / min(times["torch"]),
+              median_ratio=statistics.median(times["ours"]) / statistics.median(times["torch"]))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Driver.
 
@@ -189,7 +236,8 @@ def make_folder(kind: str, root: str) -> str:
 
 def run_worker(args, side: str, case_name: str, direction: str, folder: str) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--case", case_name, "--direction", direction,
-         "--folder", folder, "--repeats", str(args.repeats), "--threads", str(args.threads),
+         "--folder", folder, "--repeats", str(args.repeats), "--pair_repeats", str(args.pair_repeats),
+         "--threads", str(args.threads),
          "--original_repo", args.original_repo]
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
              OMP_NUM_THREADS=str(args.threads))
@@ -243,6 +291,20 @@ def markdown(result: dict) -> str:
           f"{'' if ratio is None or side == 'torch' else f'{ratio:.2f}'} | {gf:.1f} | {rate:.1f} | "
           f"{100 * rate / row['matmul_gflops']:.0f}% | {r['peak_rss_mb']:.0f} | {r['model_rss_mb']:.0f} |")
   lines += ["", f"numpy fp32 matmul rates measured (GFLOP/s): {[round(r['matmul_gflops'], 1) for r in result['rows']]}"]
+  pairs = [row for row in result["rows"] if "pair" in row]
+  if pairs:
+    lines += ["", "Time, both sides in one process with calls alternated (the ratio to trust on a shared machine):", "",
+              "| case | dir | ours best / median s | torch best / median s | ours/torch best | ours/torch median | "
+              "max abs diff | load at end |", "|---|---|---|---|---|---|---|---|"]
+    for row in pairs:
+      r = row["pair"]
+      if "error" in r:
+        lines.append(f"| {row['case']} | {row['direction']} | error | | | | | |")
+        continue
+      o, t = r["times_s"]["ours"], r["times_s"]["torch"]
+      lines.append(f"| {row['case']} | {row['direction']} | {min(o):.2f} / {statistics.median(o):.2f} | "
+                   f"{min(t):.2f} / {statistics.median(t):.2f} | {r['best_ratio']:.2f} | {r['median_ratio']:.2f} | "
+                   f"{r['max_abs_diff']:.1e} | {r['loadavg_end'][0]:.1f} |")
   return "\n".join(lines) + "\n"
 
 
@@ -255,6 +317,8 @@ def main():
   p.add_argument("--original_repo", default=os.environ.get("CVVAE_ORIGINAL_REPO", ""))
   p.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
   p.add_argument("--tag", default="", help="suffix of the result files")
+  p.add_argument("--pair_repeats", type=int, default=5, help="alternated calls per side in the one-process pair run "
+                 "(0: skip it)")
   p.add_argument("--worker", default="", help=argparse.SUPPRESS)
   p.add_argument("--case", default="", help=argparse.SUPPRESS)
   p.add_argument("--direction", default="", help=argparse.SUPPRESS)
@@ -265,6 +329,8 @@ def main():
     case = CASES[args.case]
     if args.worker == "ours":
       out = worker_ours(args.folder, case, args.direction, args.repeats)
+    elif args.worker == "pair":
+      out = worker_pair(args.folder, case, args.direction, args.pair_repeats, args.threads, args.original_repo)
     else:
       out = worker_torch(args.folder, case, args.direction, args.repeats, args.threads, args.original_repo)
     print(json.dumps(out))
@@ -289,6 +355,8 @@ def main():
         row["torch"] = dict(side="torch", skipped="original CV-VAE code not given (--original_repo PATH)")
       else:
         row["torch"] = run_worker(args, "torch", case_name, direction, folders[case["model"]])
+      if args.pair_repeats and "skipped" not in row["torch"]:
+        row["pair"] = run_worker(args, "pair", case_name, direction, folders[case["model"]])
       ours, theirs = row["ours"], row["torch"]
       if "median_s" in ours and "median_s" in theirs:
         row["time_ratio_ours_over_torch"] = ours["median_s"] / theirs["median_s"]

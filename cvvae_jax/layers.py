@@ -140,45 +140,93 @@ def _conv_float32(x: Array, kernel: Array, *, strides: tuple[int, ...] | None, p
                   precision: Any) -> Array:
   """`conv_apply` without the bias, in `dtype` with the float32 accumulator returned (not rounded to `dtype`)."""
   rank = kernel.ndim - 2
-  padding = padding or ((0, 0, Pad.ZEROS),) * rank
+  padding = tuple(padding or ((0, 0, Pad.ZEROS),) * rank)
+  strides = strides or (1,) * rank
+  if rank == 3 and kernel.shape[0] > 1:
+    time_pad, padding = padding[0], padding[1:]  # time padding: inside _conv3d_as_2d
   # Replicate padding is explicit; zero padding is folded into the convolution.
-  edge = [(0, 0)] + [(lo, hi) if mode is Pad.REPLICATE else (0, 0) for lo, hi, mode in padding] + [(0, 0)]
+  edge = [(0, 0)] * (x.ndim - 1 - len(padding)) + [(lo, hi) if mode is Pad.REPLICATE else (0, 0)
+                                                   for lo, hi, mode in padding] + [(0, 0)]
   if any(lo or hi for lo, hi in edge):
     x = jnp.pad(x, edge, mode="edge")
   conv_pad = [(lo, hi) if mode is Pad.ZEROS else (0, 0) for lo, hi, mode in padding]
-  strides = strides or (1,) * rank
   if rank == 3 and kernel.shape[0] > 1:
-    y = _conv3d_as_2d(x.astype(dtype), kernel.astype(dtype), strides, conv_pad, precision)
-  else:
-    y = lax.conv_general_dilated(
-        x.astype(dtype), kernel.astype(dtype), window_strides=strides, padding=conv_pad,
-        dimension_numbers=_dimension_numbers(rank), precision=precision,
-        preferred_element_type=jnp.float32)  # accumulate in float32 also for bf16 compute
+    return _conv3d_as_2d(x.astype(dtype), kernel.astype(dtype), strides, time_pad, conv_pad, precision)
+  return lax.conv_general_dilated(
+      x.astype(dtype), kernel.astype(dtype), window_strides=strides, padding=conv_pad,
+      dimension_numbers=_dimension_numbers(rank), precision=precision,
+      preferred_element_type=jnp.float32)  # accumulate in float32 also for bf16 compute
+
+
+def _conv2d_frames(frames: Array, kernel: Array, strides, space_pad, precision) -> Array:
+  return lax.conv_general_dilated(frames, kernel, window_strides=strides, padding=space_pad,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision,
+                                  preferred_element_type=jnp.float32)
+
+
+def _conv3d_as_2d(x: Array, kernel: Array, strides, time_pad: tuple[int, int, Pad], space_pad, precision) -> Array:
+  """A 3D convolution computed as a sum of 2D convolutions over time-shifted frames.
+
+  `x [B, T, H, W, C]` (already padded in H and W where the padding is explicit), `kernel [kt, kh, kw, C, O]`,
+  `time_pad (before, after, Pad)`: output frame t is sum_k conv2d(padded frame s*t + k, kernel[k]). Same result as
+  `conv_general_dilated` in 3D (up to summation order); XLA's CPU backend runs 2D convolutions, and above all their
+  gradients, much faster than 3D ones (1.2-4x, bench/README.md).
+
+  With time stride 1, each tap convolves all T input frames at once (`x` reshaped, no copy) and its output is
+  shifted in time instead of the input: a padding frame is a copy of frame 0 / T - 1 (replicate) or zero, so its
+  2D convolution is that frame's output or zero. This avoids the padded copy of `x` and one sliced copy per tap
+  (XLA fuses the shifts into the sum), which lowers peak memory (bench/README.md section 1).
+  """
+  kt = kernel.shape[0]
+  t_lo, t_hi, mode = time_pad
+  b, t, h, w, c = x.shape
+  st = strides[0]
+  t_out = (t + t_lo + t_hi - kt) // st + 1
+  if t_out < 1:
+    raise ValueError(f"temporal kernel {kt} does not fit {t} frames padded by ({t_lo}, {t_hi})")
+  if st != 1:
+    return _conv3d_as_2d_padded(x, kernel, strides, time_pad, space_pad, precision)
+  frames = x.reshape(b * t, h, w, c)
+  y = None
+  for k in range(kt):
+    z = _conv2d_frames(frames, kernel[k], strides[1:], space_pad, precision)
+    z = _frames_at(z.reshape(b, t, *z.shape[1:]), k - t_lo, t_out, mode)
+    y = z if y is None else y + z
   return y
 
 
-def _conv3d_as_2d(x: Array, kernel: Array, strides, conv_pad, precision) -> Array:
-  """A 3D convolution computed as a sum of 2D convolutions over time-shifted frames.
+def _frames_at(z: Array, offset: int, n: int, mode: Pad) -> Array:
+  """Frames `offset, ..., offset + n - 1` of `z [B, T, ...]`, outside [0, T) the edge frame or zeros (`mode`)."""
+  t = z.shape[1]
+  front = min(max(-offset, 0), n)
+  back = min(max(offset + n - t, 0), n - front)
+  start = max(offset, 0)
+  pieces = []
+  for count, frame in ((front, 0), (None, None), (back, t - 1)):
+    if frame is None:
+      if n - front - back:
+        pieces.append(z[:, start:start + n - front - back])
+    elif count:
+      edge = z[:, frame:frame + 1] if mode is Pad.REPLICATE else jnp.zeros_like(z[:, :1])
+      pieces.append(jnp.broadcast_to(edge, (z.shape[0], count, *z.shape[2:])))
+  return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=1)
 
-  `x [B, T, H, W, C]`, `kernel [kt, kh, kw, C, O]`: output frame t is sum_k conv2d(frame s*t + k, kernel[k]).
-  Same result as `conv_general_dilated` in 3D (up to summation order); XLA's CPU backend runs 2D convolutions,
-  and above all their gradients, much faster than 3D ones (1.2-4x, bench/README.md).
-  """
+
+def _conv3d_as_2d_padded(x: Array, kernel: Array, strides, time_pad: tuple[int, int, Pad], space_pad,
+                         precision) -> Array:
+  """`_conv3d_as_2d` by padding `x` in time and slicing the (strided) frames of each tap (any time stride)."""
   kt = kernel.shape[0]
-  (t_lo, t_hi), space_pad = conv_pad[0], conv_pad[1:]
+  t_lo, t_hi, mode = time_pad
   if t_lo or t_hi:
-    x = jnp.pad(x, [(0, 0), (t_lo, t_hi), (0, 0), (0, 0), (0, 0)])
+    x = jnp.pad(x, [(0, 0), (t_lo, t_hi), (0, 0), (0, 0), (0, 0)],
+                mode="edge" if mode is Pad.REPLICATE else "constant")
   b, t, h, w, c = x.shape
   st = strides[0]
   t_out = (t - kt) // st + 1
-  if t_out < 1:
-    raise ValueError(f"temporal kernel {kt} does not fit {t} (padded) frames")
   y = None
   for k in range(kt):
     frames = x[:, k:k + st * (t_out - 1) + 1:st].reshape(b * t_out, h, w, c)
-    yk = lax.conv_general_dilated(frames, kernel[k], window_strides=strides[1:], padding=space_pad,
-                                  dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision,
-                                  preferred_element_type=jnp.float32)
+    yk = _conv2d_frames(frames, kernel[k], strides[1:], space_pad, precision)
     y = yk if y is None else y + yk
   return y.reshape(b, t_out, *y.shape[1:])
 

@@ -87,3 +87,31 @@ def test_upsample_conv_rejects_other_paddings():
     layers.upsample_conv_apply(x, kernel, bias, padding=((0, 1, ZEROS), (1, 1, ZEROS)))
   with pytest.raises(ValueError, match="one mode"):
     layers.upsample_conv_apply(x, kernel, bias, padding=((1, 1, ZEROS), (1, 1, REPLICATE)))
+
+
+def _conv3d_reference(x, kernel, bias, strides, padding):
+  """XLA's own 3D convolution on the input padded explicitly (replicate by `jnp.pad(mode="edge")`)."""
+  for axis, (lo, hi, mode) in enumerate(padding, start=1):
+    pads = [(0, 0)] * x.ndim
+    pads[axis] = (lo, hi)
+    x = jnp.pad(x, pads, mode="edge" if mode is REPLICATE else "constant")
+  y = jax.lax.conv_general_dilated(x, kernel, strides, "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+                                   precision=jax.lax.Precision.HIGHEST)
+  return y + bias
+
+
+@pytest.mark.parametrize("frames", [1, 2, 5])
+@pytest.mark.parametrize("time_pad,stride", [((2, 0, REPLICATE), 1), ((2, 0, ZEROS), 1), ((1, 1, ZEROS), 1),
+                                             ((1, 1, REPLICATE), 1), ((0, 0, ZEROS), 1), ((2, 0, REPLICATE), 2),
+                                             ((1, 1, ZEROS), 2)])
+def test_conv3d_as_2d_matches_a_3d_convolution(frames, time_pad, stride):
+  """Time padding by shifted outputs (stride 1) and by a padded copy (stride 2) == the padded 3D convolution."""
+  if frames + time_pad[0] + time_pad[1] < 3:
+    pytest.skip("kernel longer than the padded clip")
+  x, kernel, bias = _arrays((2, frames, 5, 6, 3), (3, 3, 3, 3, 4), seed=frames)
+  padding = (time_pad, (1, 1, REPLICATE), (0, 1, ZEROS))
+  strides = (stride, 2, 1)
+  got = layers.conv_apply(x, kernel, bias, strides=strides, padding=padding)
+  want = _conv3d_reference(x, kernel, bias, strides, padding)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
