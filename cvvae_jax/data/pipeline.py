@@ -2,10 +2,13 @@
 
 Order and randomness are pure functions of (seed, position), never of history:
 
-* Each stream is an infinite sequence of example slots. On host p of P, slot k is the global
-  position g = k * P + p; position g lies in epoch g // N of the stream's N examples and picks
-  example perm_epoch[g % N] (a fresh permutation per epoch from (seed, stream, epoch)). So hosts
-  read disjoint examples within an epoch, and together they read every example once per epoch.
+* Each stream is an infinite sequence of global positions; global batch j is positions
+  [j * B, (j + 1) * B). Host p of P reads the contiguous block of b = B / P of them that it feeds
+  to its devices: its slot k (batch k // b, row k % b) is position g = ((k // b) * P + p) * b + k % b.
+  So a P-host job's global batch is, row for row, the 1-host batch (the per-row posterior noise meets
+  the same example whatever the process count). Position g lies in epoch g // N of the stream's N
+  examples and picks example perm_epoch[g % N] (a fresh permutation per epoch from (seed, stream,
+  epoch)): hosts read disjoint examples within an epoch, and together every example once per epoch.
 * The clip drawn from that example (stride, start, resize, crop) uses a generator seeded with
   (seed, stream, g), so it is the same from a folder and from its TFDS copy.
 * If an example is unusable (bad file, too short), the slot deterministically tries the next
@@ -183,6 +186,7 @@ class ExampleLoader:
     self._seed, self._id = int(seed), _name_id(spec.name)
     self._shuffle = shuffle
     self._p, self._P = process_index, process_count
+    self._b = spec.host_batch_size(process_count)
     self._max_attempts = max(1, min(int(max_attempts), len(source)))
     self._decode_threads = decode_threads
     self._permutations: dict[int, np.ndarray] = {}
@@ -202,8 +206,9 @@ class ExampleLoader:
     return perm
 
   def position(self, slot: int) -> int:
-    """Global position of this host's slot."""
-    return int(slot) * self._P + self._p
+    """Global position of this host's slot: row `slot % b` of its block in global batch `slot // b`."""
+    batch, row = divmod(int(slot), self._b)
+    return (batch * self._P + self._p) * self._b + row
 
   def index(self, slot: int, attempt: int = 0) -> int:
     """Example index read for a slot (attempt > 0: the replacements for unusable examples)."""
