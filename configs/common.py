@@ -25,6 +25,11 @@ def train_section(scale: str) -> ml_collections.ConfigDict:
       num_steps=200_000 if full else 240,
       log_every_steps=50 if full else 10,
       image_every_steps=2_000 if full else 40,      # PNG grid: input / reconstruction / image decoder
+      # Probe: val/rec_l1, val/psnr, val/reg_l1, val/reg_psnr of fixed clips (the first `eval_batches` batches of
+      # `data.eval`, posterior mode) at step 0, every N steps and at the end; 0 disables it. Off in `full` until
+      # `data.eval.path` names a held-out set.
+      eval_every_steps=0 if full else 20,
+      eval_batches=4,
       checkpoint_every_steps=2_000 if full else 80,
       keep_checkpoints=3,
       async_checkpoints=True,

@@ -436,6 +436,51 @@ def reconstruction_arrays(models: Models, params, frozen: dict, video: Array):
   return x_hat, decoded.reshape(b, t, *decoded.shape[1:])
 
 
+def load_probe(config: ml_collections.ConfigDict, models: Models) -> np.ndarray:
+  """The fixed probe clips of `train.eval_every_steps`: the valid clips of the first `train.eval_batches` batches
+  of `config.data.eval` (this process's; the loop broadcasts process 0's), float32 `[N, T, H, W, 3]` in [-1, 1],
+  N a multiple of `data.eval.batch_size`; for the image VAE every frame is an image: `[N * T, 1, H, W, 3]`."""
+  from cvvae_jax import data as data_lib
+
+  batch = int(config.data.eval.batch_size)
+  clips = []
+  data_pass = iter(data_lib.create_eval_iterator(config.data))
+  try:
+    for _, b in zip(range(int(config.train.eval_batches)), data_pass):
+      clips.extend(b["video"][b["mask"]])
+  finally:
+    data_pass.close()
+  n = len(clips) // batch * batch
+  if n == 0:
+    raise ValueError(f"config.train.eval_every_steps: the eval set ({config.data.eval.source} "
+                     f"{config.data.eval.path or config.data.eval.tfds_name}) gave {len(clips)} usable clips in "
+                     f"{config.train.eval_batches} batches, fewer than config.data.eval.batch_size={batch}")
+  probe = np.stack(clips[:n])
+  if not models.is_video:
+    probe = probe.reshape(-1, 1, *probe.shape[2:])
+  return probe
+
+
+def probe_metrics(video: np.ndarray, x_hat: np.ndarray, decoded: np.ndarray | None,
+                  temporal_compression: int = 4) -> dict[str, float]:
+  """Validation numbers of one probe pass (deterministic: the posterior mode), host side.
+
+  `video`, `x_hat` `[N, T, H, W, 3]` in [-1, 1]; `decoded` `[N, L, H, W, 3]`: the frozen image decoder on each
+  latent frame, scored against frame `4i` (the `slice` psi mapping; frame 0 for the first latent). Returns
+  val/rec_l1, val/psnr (dB, data range 2, mean over clips) and, with `decoded`, val/reg_l1, val/reg_psnr.
+  """
+  def l1_psnr(a, b):
+    err = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    mse = np.mean(err ** 2, axis=tuple(range(1, err.ndim)))
+    return float(np.mean(np.abs(err))), float(np.mean(10 * np.log10(4.0 / np.maximum(mse, 1e-12))))
+
+  out = dict(zip(("val/rec_l1", "val/psnr"), l1_psnr(x_hat, video)))
+  if decoded is not None:
+    target = np.asarray(video)[:, ::temporal_compression]
+    out.update(zip(("val/reg_l1", "val/reg_psnr"), l1_psnr(decoded, target)))
+  return out
+
+
 def reconstruction_grid(video: np.ndarray, x_hat: np.ndarray, decoded: np.ndarray | None,
                         temporal_compression: int = 4, max_frames: int = 9) -> np.ndarray:
   """uint8 `[rows * H, frames * W, 3]`: per example, input / reconstruction / image decoder on the latent.
@@ -470,8 +515,12 @@ def plot_curves(path: str, history: dict[str, list[tuple[int, float]]], keys: tu
   keys = [k for k in keys if history.get(k)]
   if not keys:
     return
-  fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
-  for ax, key in zip(axes[0], keys):
+  cols = min(len(keys), 5)
+  rows = -(-len(keys) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+  for ax in axes.flat[len(keys):]:
+    ax.axis("off")
+  for ax, key in zip(axes.flat, keys):
     steps, values = zip(*history[key])
     ax.plot(steps, values)
     ax.set_title(key)
@@ -550,6 +599,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   history: dict[str, list[tuple[int, float]]] = {}
   batches = data_lib.create_train_iterator(config.data, seed=config.data.seed, start_step=start_step)
   t0, examples, picture_batch, window = time.time(), 0, None, MetricWindow()
+  probe = load_probe(config, models) if config.train.eval_every_steps > 0 else None
+
+  def run_probe(at_step: int) -> None:
+    """Probe metrics of the current params (every process computes on process 0's clips; process 0 logs)."""
+    chunk, parts = int(config.data.eval.batch_size), []
+    for i in range(0, len(probe), chunk):
+      clips = _process0_array(probe[i:i + chunk])
+      parts.append(jax.device_get(grid_fn(state.params, frozen, jax.make_array_from_callback(
+          clips.shape, replicated, lambda index: clips[index]))))
+    x_hat = np.concatenate([p[0] for p in parts])
+    decoded = np.concatenate([p[1] for p in parts]) if parts[0][1] is not None else None
+    scalars = probe_metrics(probe, x_hat, decoded, getattr(models.vae, "temporal_compression", 1))
+    writer.write_scalars(at_step, scalars)
+    for k, v in scalars.items():
+      history.setdefault(k, []).append((at_step, v))
+    logging.info("step %d probe (%d fixed clips): %s", at_step, len(probe),
+                 ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
+
+  if probe is not None and start_step == 0:
+    run_probe(0)
   logging.info("training %s for %d steps on mesh %s from step %d", type(models.vae).__name__, num_steps,
                dict(mesh.shape), start_step)
   step = start_step
@@ -591,6 +660,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           grid = reconstruction_grid(pictures, x_hat, decoded)
           save_png(os.path.join(workdir, "images", f"reconstruction_{step:07d}.png"), grid)
           writer.write_images(step, {"reconstruction": grid[None]})
+      if probe is not None and (step % config.train.eval_every_steps == 0 or step == num_steps):
+        run_probe(step)
       preempted = reached_preemption(step)
       if manager.should_save(step) or step == num_steps or preempted:
         manager.save(step, state, {**meta, "data": batches.state()}, force=True)
@@ -603,7 +674,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer.flush()
   if is_lead and history:
     plot_curves(os.path.join(workdir, "loss_curves.png"), history,
-                ("loss/total", "loss/nll", "rec/l1", "loss/reg_decoder", "loss/kl", "disc/loss"))
+                ("loss/total", "loss/nll", "rec/l1", "loss/reg_decoder", "loss/kl", "disc/loss", "val/rec_l1",
+                 "val/reg_l1", "val/psnr", "val/reg_psnr"))
     with open(os.path.join(workdir, "history.json"), "w") as f:
       json.dump(history, f)
   return state

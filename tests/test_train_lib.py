@@ -29,6 +29,7 @@ def tiny_config(image_vae_path: str = "", num_steps: int = 4):
     c.train.num_steps = num_steps
     c.train.log_every_steps = 1
     c.train.image_every_steps = 1000
+    c.train.eval_every_steps = 0
     c.train.checkpoint_every_steps = 2
     c.train.async_checkpoints = False
     c.optim.generator.total_steps = 100
@@ -177,3 +178,32 @@ def test_config_errors_name_the_field(image_vae_dir, tmp_path):
     c.mesh.data = 16
   with pytest.raises(ValueError, match=r"mesh.data \* mesh.fsdp = 16 but 8 devices"):
     train_lib.train_and_evaluate(c, str(tmp_path / "z"))
+
+
+def test_probe_metrics_hand_values():
+  video = np.zeros((2, 5, 2, 2, 3), np.float32)
+  x_hat = video + 0.5          # L1 0.5, MSE 0.25: PSNR 10 log10(4 / 0.25) = 12.04 dB
+  decoded = np.zeros((2, 2, 2, 2, 3), np.float32)
+  decoded[:, 1] = 1.0          # latent 1 vs frame 4: L1 1 (latent 0 vs frame 0: 0) -> mean 0.5, MSE 0.5
+  m = train_lib.probe_metrics(video, x_hat, decoded, temporal_compression=4)
+  np.testing.assert_allclose([m["val/rec_l1"], m["val/psnr"], m["val/reg_l1"], m["val/reg_psnr"]],
+                             [0.5, 10 * np.log10(16), 0.5, 10 * np.log10(8)], rtol=1e-6)
+  assert set(train_lib.probe_metrics(video, x_hat, None)) == {"val/rec_l1", "val/psnr"}
+
+
+def test_probe_runs_at_start_every_n_steps_and_at_the_end(image_vae_dir, tmp_path):
+  c = tiny_config(image_vae_dir, num_steps=3)
+  with c.unlocked():
+    c.train.eval_every_steps, c.train.eval_batches = 2, 2
+    ev = c.data.eval
+    ev.frames, ev.size, ev.short_side, ev.batch_size = 5, (16, 16), 16, 2
+  train_lib.train_and_evaluate(c, str(tmp_path / "w"))
+  with open(tmp_path / "w" / "history.json") as f:
+    history = json.load(f)
+  for key in ("val/rec_l1", "val/psnr", "val/reg_l1", "val/reg_psnr"):
+    assert [s for s, _ in history[key]] == [0, 2, 3], key
+    assert all(np.isfinite(v) for _, v in history[key])
+  with c.unlocked():
+    c.data.eval.batch_size = 64
+  with pytest.raises(ValueError, match=r"fewer than config.data.eval.batch_size=64"):
+    train_lib.train_and_evaluate(c, str(tmp_path / "x"))
