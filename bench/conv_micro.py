@@ -3,12 +3,14 @@
     python bench/conv_micro.py --exp conv3x3 [--shape 1,256,256,128,128] [--repeats 7] [--grad]
     python bench/conv_micro.py --exp upsample [--shape 1,128,128,256] [--video_t 0] [--grad]
     python bench/conv_micro.py --exp model --model image|cvvae --shape 1,256,256,3 [--direction decode]
+    python bench/conv_micro.py --exp vs_torch --shape 1,256,256,128,128   # XLA conv vs torch conv2d, one process
 
 Every variant is compiled first, then the variants are called in turn (A B C A B C ...) `--repeats` times in one
 process, so that load from other jobs on the machine hits all of them alike; the JSON line per variant gives the best
 and median time and their ratio to the first (reference) variant. `--grad` times the VJP (d input and d kernel)
 instead of the forward pass. `--exp model` times a whole full-size model (random weights) with `Upsample` as now
-("phase") against the nearest-repeat formulation it replaced ("repeat"). Results are checked against the reference (max abs difference printed).
+("phase") against the nearest-repeat formulation it replaced ("repeat"). `--exp vs_torch` alternates XLA's 3x3
+convolution with torch's `conv2d` (NCHW and channels-last, `torch.set_num_threads(2)`) in the same process. Results are checked against the reference (max abs difference printed).
 """
 from __future__ import annotations
 
@@ -125,6 +127,37 @@ def model_fns(kind: str, shape, direction: str):
   return dict(repeat=repeat, phase=call), (params, x)
 
 
+def vs_torch(dims, repeats: int) -> list[dict]:
+  """XLA's 3x3 'same' convolution and torch's conv2d (NCHW, channels-last) on one shape, calls alternated."""
+  import torch
+  torch.set_num_threads(2)
+  bsz, h, w, c, o = dims
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((bsz, h, w, c), np.float32)
+  k = rng.standard_normal((3, 3, c, o), np.float32) / np.sqrt(9 * c)
+  xj, kj = jnp.asarray(x), jnp.asarray(k)
+  xla = jax.jit(conv_lax).lower(xj, kj).compile()
+  xt = torch.from_numpy(np.moveaxis(x, -1, 1).copy())
+  kt = torch.from_numpy(np.transpose(k, (3, 2, 0, 1)).copy())
+  xcl = xt.contiguous(memory_format=torch.channels_last)
+  calls = dict(xla=lambda: xla(xj, kj).block_until_ready(),
+               torch_nchw=lambda: torch.nn.functional.conv2d(xt, kt, padding=1),
+               torch_channels_last=lambda: torch.nn.functional.conv2d(xcl, kt, padding=1))
+  times = {n: [] for n in calls}
+  with torch.inference_mode():
+    for f in calls.values():
+      f()
+    for _ in range(repeats):
+      for n, f in calls.items():
+        t = time.perf_counter()
+        f()
+        times[n].append(time.perf_counter() - t)
+  gflop = 2 * bsz * h * w * 9 * c * o / 1e9
+  return [dict(variant=n, best_s=min(v), median_s=statistics.median(v), best_ratio=min(v) / min(times["xla"]),
+               median_ratio=statistics.median(v) / statistics.median(times["xla"]), gflops_at_best=gflop / min(v),
+               max_abs_diff=float("nan"), max_abs_ref=float("nan")) for n, v in times.items()]
+
+
 def interleaved(fns: dict, args, repeats: int, ref_name: str) -> list[dict]:
   compiled = {n: jax.jit(f).lower(*args).compile() for n, f in fns.items()}
   outs = {n: jax.block_until_ready(c(*args)) for n, c in compiled.items()}
@@ -148,7 +181,7 @@ def interleaved(fns: dict, args, repeats: int, ref_name: str) -> list[dict]:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--exp", default="conv3x3", choices=["conv3x3", "upsample", "model"])
+  p.add_argument("--exp", default="conv3x3", choices=["conv3x3", "upsample", "model", "vs_torch"])
   p.add_argument("--model", default="image", choices=["image", "cvvae"])
   p.add_argument("--direction", default="decode", choices=["encode", "decode"])
   p.add_argument("--shape", default="1,256,256,128,128")
@@ -161,6 +194,11 @@ def main():
   args = p.parse_args()
   dims = [int(v) for v in args.shape.split(",")]
   rng = np.random.default_rng(0)
+  if args.exp == "vs_torch":
+    for r in vs_torch(dims, args.repeats):
+      r.update(exp=args.exp, shape=dims, loadavg=os.getloadavg()[0])
+      print(json.dumps(r), flush=True)
+    return
   if args.exp == "model":
     fns, fargs = model_fns(args.model, dims, args.direction)
     flops = float("nan")
