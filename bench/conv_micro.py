@@ -134,7 +134,7 @@ def vs_torch(dims, repeats: int) -> list[dict]:
   bsz, h, w, c, o = dims
   rng = np.random.default_rng(0)
   x = rng.standard_normal((bsz, h, w, c), np.float32)
-  k = rng.standard_normal((3, 3, c, o), np.float32) / np.sqrt(9 * c)
+  k = (rng.standard_normal((3, 3, c, o), np.float32) / np.sqrt(9 * c)).astype(np.float32)
   xj, kj = jnp.asarray(x), jnp.asarray(k)
   xla = jax.jit(conv_lax).lower(xj, kj).compile()
   xt = torch.from_numpy(np.moveaxis(x, -1, 1).copy())
