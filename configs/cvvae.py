@@ -47,11 +47,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                                    n_layers=4 if scale == "full" else 2))
 
   c.train = common.train_section(scale)
-  c.optim = common.optim_section(scale, c.train.num_steps)
+  if scale == "demo":
+    c.train.num_steps = 160
+  c.optim = common.optim_section(scale, c.train.num_steps)  # the cosine schedule ends at the last step
   c.data = data_config.get_config(scale)
   c.data.seed = c.get_ref("seed")
   if scale == "demo":
-    c.train.num_steps = 160
     c.data.streams.video.batch_size = 1  # 9x64x64 clips: the costly stream on a 2-core CPU
   c.mesh = common.mesh_section()
   return c

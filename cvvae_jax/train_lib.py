@@ -551,6 +551,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   validate_config(config)
+  if config.optim.generator.total_steps != config.train.num_steps:
+    logging.warning("config.optim.generator.total_steps=%d differs from config.train.num_steps=%d: the generator's "
+                    "cosine schedule does not end at the last step (override both together)",
+                    config.optim.generator.total_steps, config.train.num_steps)
   mesh = sharding.make_mesh(config.mesh)
   for name, stream in config.data.streams.items():
     sharding.check_batch_divisible(stream.batch_size, mesh, f"config.data.streams.{name}.batch_size")
