@@ -8,7 +8,13 @@ import cvvae_jax
 from cvvae_jax import inference, video_io
 from cvvae_jax.tiling import Span, TilingConfig
 
-jax.config.update("jax_default_matmul_precision", "highest")
+
+@pytest.fixture(autouse=True, scope="module")
+def _highest_matmul_precision():
+  """Exact fp32 matmuls for this module's comparisons, without changing the setting for other test modules."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
 
 # Documented bounds (bench/README.md, "Tiled vs untiled"): the tiny random-weight CV-VAE (`random_params` seed 0) on
 # the bigbuckbunny clip at 9x32x48, decoded in 2-latent chunks and 32-px (tiled) / 24-px (original) tiles. Random

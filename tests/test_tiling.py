@@ -15,7 +15,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from cvvae_jax import tiling
 from cvvae_jax.tiling import Geometry, Mode, Span, TilingConfig
 
-jax.config.update("jax_default_matmul_precision", "highest")
+
+@pytest.fixture(autouse=True, scope="module")
+def _highest_matmul_precision():
+  """Exact fp32 matmuls for this module's comparisons, without changing the setting for other test modules."""
+  with jax.default_matmul_precision("highest"):
+    yield
 
 
 @dataclasses.dataclass(frozen=True)
