@@ -438,13 +438,14 @@ def reconstruction_arrays(models: Models, params, frozen: dict, video: Array):
 
 def load_probe(config: ml_collections.ConfigDict, models: Models) -> np.ndarray:
   """The fixed probe clips of `train.eval_every_steps`: the valid clips of the first `train.eval_batches` batches
-  of `config.data.eval` (this process's; the loop broadcasts process 0's), float32 `[N, T, H, W, 3]` in [-1, 1],
-  N a multiple of `data.eval.batch_size`; for the image VAE every frame is an image: `[N * T, 1, H, W, 3]`."""
+  of `config.data.eval`, read whole by every process (the same clips everywhere, so every process runs the same
+  number of probe calls), float32 `[N, T, H, W, 3]` in [-1, 1], N a multiple of `data.eval.batch_size`; for the
+  image VAE every frame is an image: `[N * T, 1, H, W, 3]`."""
   from cvvae_jax import data as data_lib
 
   batch = int(config.data.eval.batch_size)
   clips = []
-  data_pass = iter(data_lib.create_eval_iterator(config.data))
+  data_pass = iter(data_lib.create_eval_iterator(config.data, process_index=0, process_count=1))
   try:
     for _, b in zip(range(int(config.train.eval_batches)), data_pass):
       clips.extend(b["video"][b["mask"]])
@@ -606,7 +607,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   probe = load_probe(config, models) if config.train.eval_every_steps > 0 else None
 
   def run_probe(at_step: int) -> None:
-    """Probe metrics of the current params (every process computes on process 0's clips; process 0 logs)."""
+    """Probe metrics of the current params (all processes run the same calls on process 0's copy; process 0 logs)."""
     chunk, parts = int(config.data.eval.batch_size), []
     for i in range(0, len(probe), chunk):
       clips = _process0_array(probe[i:i + chunk])
