@@ -201,19 +201,11 @@ def worker_demo(repeats: int) -> dict:
                                     image=float(config.data.streams.image.weight))}
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-  import numpy as np
-  a = np.random.default_rng(0).standard_normal((n, n), np.float32)
-  a @ a
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    a @ a
-    times.append(time.perf_counter() - t)
-  return round(2 * n ** 3 / min(times) / 1e9, 1)
-
-
-# ------------------------------------------------------------------------------------------------------- driver
+def matmul_gflops() -> float:
+  """numpy's fp32 matmul rate, the reference rate of all benchmarks here (`bench/vae_speed.py`)."""
+  sys.path.insert(0, REPO)
+  from bench import vae_speed
+  return round(vae_speed.matmul_gflops(), 1)
 
 
 def run_worker(args: list[str], env_extra: dict[str, str], budget_s: float) -> tuple[dict | None, str]:
