@@ -606,19 +606,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   t0, examples, picture_batch, window = time.time(), 0, None, MetricWindow()
   probe = load_probe(config, models) if config.train.eval_every_steps > 0 else None
 
-  def run_probe(at_step: int) -> None:
-    """Probe metrics of the current params (all processes run the same calls on process 0's copy; process 0 logs)."""
-    chunk, parts = int(config.data.eval.batch_size), []
-    for i in range(0, len(probe), chunk):
-      clips = _process0_array(probe[i:i + chunk])
-      parts.append(jax.device_get(grid_fn(state.params, frozen, jax.make_array_from_callback(
-          clips.shape, replicated, lambda index: clips[index]))))
-    x_hat = np.concatenate([p[0] for p in parts])
-    decoded = np.concatenate([p[1] for p in parts]) if parts[0][1] is not None else None
-    scalars = probe_metrics(probe, x_hat, decoded, getattr(models.vae, "temporal_compression", 1))
+  def record(at_step: int, scalars: dict[str, float]) -> None:
     writer.write_scalars(at_step, scalars)
     for k, v in scalars.items():
       history.setdefault(k, []).append((at_step, v))
+
+  def reconstruct_process0(clips: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(process 0's `clips`, reconstruction, image decoder rows) with the current params: a collective, every
+    process calls it and runs the (sharded) reconstruction on process 0's clips."""
+    clips = _process0_array(clips)
+    x_hat, decoded = jax.device_get(grid_fn(state.params, frozen, jax.make_array_from_callback(
+        clips.shape, replicated, lambda index: clips[index])))
+    return clips, x_hat, decoded
+
+  def run_probe(at_step: int) -> None:
+    """Probe metrics of the current params (all processes make the same calls; process 0 logs)."""
+    chunk = int(config.data.eval.batch_size)
+    parts = [reconstruct_process0(probe[i:i + chunk]) for i in range(0, len(probe), chunk)]
+    x_hat = np.concatenate([p[1] for p in parts])
+    decoded = np.concatenate([p[2] for p in parts]) if parts[0][2] is not None else None
+    scalars = probe_metrics(probe, x_hat, decoded, getattr(models.vae, "temporal_compression", 1))
+    record(at_step, scalars)
     logging.info("step %d probe (%d fixed clips): %s", at_step, len(probe),
                  ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
 
@@ -647,9 +655,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         elapsed = time.time() - t0
         scalars = window.result()
         scalars.update({"perf/examples_per_s": examples / elapsed, "perf/steps_per_s": (step - start_step) / elapsed})
-        writer.write_scalars(step, scalars)
-        for k, v in scalars.items():
-          history.setdefault(k, []).append((step, v))
+        record(step, scalars)
         eta = (num_steps - step) / max(scalars["perf/steps_per_s"], 1e-9)
         logging.info("step %d/%d (%.0f%%) loss %.4g nll %.4g reg %.4g | %.2f steps/s, ETA %.0fs", step, num_steps,
                      100 * step / num_steps, scalars.get("loss/total", np.nan), scalars.get("loss/nll", np.nan),
@@ -657,10 +663,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if batch["video"].shape[1] > 1 or not models.is_video:
         picture_batch = batch["video"][:2]  # the latest clip batch (CV-VAE) or image batch, for pictures
       if step % config.train.image_every_steps == 0 and picture_batch is not None:
-        # Every process runs the (sharded) reconstruction on process 0's clips; process 0 writes the picture.
-        pictures = _process0_array(picture_batch)
-        x_hat, decoded = jax.device_get(grid_fn(state.params, frozen, jax.make_array_from_callback(
-            pictures.shape, replicated, lambda index: pictures[index])))
+        pictures, x_hat, decoded = reconstruct_process0(picture_batch)  # every process; process 0 writes
         if is_lead:
           grid = reconstruction_grid(pictures, x_hat, decoded)
           save_png(os.path.join(workdir, "images", f"reconstruction_{step:07d}.png"), grid)
