@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -164,28 +165,47 @@ def _conv2d_frames(frames: Array, kernel: Array, strides, space_pad, precision) 
                                   preferred_element_type=jnp.float32)
 
 
+# Frames at least this large (H * W of a 3D convolution's input) are convolved one output frame at a time on CPU
+# (`_conv3d_frame_loop`); smaller ones, where per-frame 2D convolutions are too small to run efficiently, tap by tap.
+FRAME_LOOP_MIN_PIXELS = 64 * 64
+
+
 def _conv3d_as_2d(x: Array, kernel: Array, strides, time_pad: tuple[int, int, Pad], space_pad, precision) -> Array:
-  """A 3D convolution computed as a sum of 2D convolutions over time-shifted frames.
+  """A 3D convolution computed from 2D convolutions of frames: `[B, T, H, W, C]` -> `[B, T', H', W', O]`.
 
-  `x [B, T, H, W, C]` (already padded in H and W where the padding is explicit), `kernel [kt, kh, kw, C, O]`,
-  `time_pad (before, after, Pad)`: output frame t is sum_k conv2d(padded frame s*t + k, kernel[k]). Same result as
-  `conv_general_dilated` in 3D (up to summation order); XLA's CPU backend runs 2D convolutions, and above all their
-  gradients, much faster than 3D ones (1.2-4x, bench/README.md).
+  `x` is already padded in H and W where that padding is explicit, `kernel [kt, kh, kw, C, O]`, `time_pad (before,
+  after, Pad)`: output frame t is sum_k conv2d(padded frame s*t + k, kernel[k]). Same result as
+  `conv_general_dilated` in 3D (up to summation order; the two forms below agree bit for bit); XLA's CPU backend
+  runs 2D convolutions, and above all their gradients, much faster than 3D ones (bench/README.md section 2).
 
-  With time stride 1, each tap convolves all T input frames at once (`x` reshaped, no copy) and its output is
-  shifted in time instead of the input: a padding frame is a copy of frame 0 / T - 1 (replicate) or zero, so its
-  2D convolution is that frame's output or zero. This avoids the padded copy of `x` and one sliced copy per tap
-  (XLA fuses the shifts into the sum), which lowers peak memory (bench/README.md section 1).
+  On CPU, inputs with frames of at least `FRAME_LOOP_MIN_PIXELS` take `_conv3d_frame_loop` (one output frame at a
+  time: no activation-sized intermediates) with the gradient of `_conv3d_taps`; elsewhere `_conv3d_taps`.
+  """
+  kt = kernel.shape[0]
+  t_lo, t_hi, _ = time_pad
+  t_out = (x.shape[1] + t_lo + t_hi - kt) // strides[0] + 1
+  if t_out < 1:
+    raise ValueError(f"temporal kernel {kt} does not fit {x.shape[1]} frames padded by ({t_lo}, {t_hi})")
+  static = (tuple(strides), tuple(time_pad), tuple(tuple(p) for p in space_pad), precision)
+  taps = lambda x, kernel: _conv3d_taps(x, kernel, *static)
+  if x.shape[2] * x.shape[3] < FRAME_LOOP_MIN_PIXELS:
+    return taps(x, kernel)
+  return lax.platform_dependent(x, kernel, cpu=lambda x, kernel: _conv3d_looped(x, kernel, *static), default=taps)
+
+
+def _conv3d_taps(x: Array, kernel: Array, strides, time_pad: tuple[int, int, Pad], space_pad, precision) -> Array:
+  """`_conv3d_as_2d` as one batched 2D convolution of all frames per temporal tap (kt of them), summed.
+
+  With time stride 1 the output of each tap is shifted in time instead of the input: a padding frame is a copy of
+  frame 0 / T - 1 (replicate) or zero, so its 2D convolution is that frame's output or zero. This avoids a padded
+  copy of `x` and one sliced copy per tap; the kt tap outputs still cost activation-sized buffers.
   """
   kt = kernel.shape[0]
   t_lo, t_hi, mode = time_pad
   b, t, h, w, c = x.shape
-  st = strides[0]
-  t_out = (t + t_lo + t_hi - kt) // st + 1
-  if t_out < 1:
-    raise ValueError(f"temporal kernel {kt} does not fit {t} frames padded by ({t_lo}, {t_hi})")
-  if st != 1:
+  if strides[0] != 1:
     return _conv3d_as_2d_padded(x, kernel, strides, time_pad, space_pad, precision)
+  t_out = t + t_lo + t_hi - kt + 1
   frames = x.reshape(b * t, h, w, c)
   y = None
   for k in range(kt):
@@ -193,6 +213,65 @@ def _conv3d_as_2d(x: Array, kernel: Array, strides, time_pad: tuple[int, int, Pa
     z = _frames_at(z.reshape(b, t, *z.shape[1:]), k - t_lo, t_out, mode)
     y = z if y is None else y + z
   return y
+
+
+def _conv3d_frame_loop(x: Array, kernel: Array, strides, time_pad: tuple[int, int, Pad], space_pad,
+                       precision) -> Array:
+  """`_conv3d_as_2d` one output frame at a time (a loop over time): `[B, T, H, W, C]` -> `[B, T', H', W', O]`.
+
+  Output frame t sums the 2D convolutions of input frames s*t + k - before over the taps k; a replicate-padding
+  frame reads the edge frame (the index is clamped), a zero-padding frame's tap is left out. Memory beyond input and
+  output is one frame's worth, and the time is that of the batched form or less on CPU (bench/README.md section
+  2.4). Any time stride. Its own gradient would be a slow per-frame loop: `_conv3d_looped` pairs it with the
+  gradient of `_conv3d_taps`.
+  """
+  kt = kernel.shape[0]
+  t_lo, t_hi, mode = time_pad
+  t = x.shape[1]
+  st = strides[0]
+  t_out = (t + t_lo + t_hi - kt) // st + 1
+
+  def taps_of(i: int) -> tuple[int, ...]:  # the taps of output frame i that read a frame (static)
+    return tuple(k for k in range(kt) if mode is Pad.REPLICATE or 0 <= st * i + k - t_lo < t)
+
+  def frame(i, taps):
+    y = jnp.zeros(shape, jnp.float32) if not taps else None  # every tap in the zero padding
+    for k in taps:
+      src = jnp.clip(st * i + k - t_lo, 0, t - 1)
+      z = _conv2d_frames(lax.dynamic_index_in_dim(x, src, axis=1, keepdims=False), kernel[k], strides[1:],
+                         space_pad, precision)
+      y = z if y is None else y + z
+    return y
+
+  every = tuple(range(kt))
+  shape = jax.eval_shape(lambda: frame(0, every)).shape  # one output frame [B, H', W', O]
+  full = [i for i in range(t_out) if taps_of(i) == every]  # contiguous
+  first, end = (full[0], full[-1] + 1) if full else (t_out, t_out)
+  # The output buffer starts as frame 0 repeated: an input-dependent fill that XLA allocates just before the loop
+  # (a zeros fill is one constant shared by every such loop, allocated and copied for each at the program's start).
+  out = jnp.broadcast_to(frame(0, taps_of(0))[:, None], (shape[0], t_out, *shape[1:]))
+  for i in [*range(1, first), *range(end, t_out)]:  # frames with zero-padding taps: only their own taps
+    out = lax.dynamic_update_index_in_dim(out, frame(i, taps_of(i)), i, axis=1)
+  body = lambda i, out: lax.dynamic_update_index_in_dim(out, frame(i, every), i, axis=1)
+  return lax.fori_loop(max(first, 1), end, body, out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv3d_looped(x, kernel, strides, time_pad, space_pad, precision):
+  """`_conv3d_frame_loop` with the gradient of `_conv3d_taps` (its residuals are just the inputs)."""
+  return _conv3d_frame_loop(x, kernel, strides, time_pad, space_pad, precision)
+
+
+def _conv3d_looped_fwd(x, kernel, strides, time_pad, space_pad, precision):
+  return _conv3d_frame_loop(x, kernel, strides, time_pad, space_pad, precision), (x, kernel)
+
+
+def _conv3d_looped_bwd(strides, time_pad, space_pad, precision, residuals, g):
+  _, vjp = jax.vjp(lambda x, kernel: _conv3d_taps(x, kernel, strides, time_pad, space_pad, precision), *residuals)
+  return vjp(g)
+
+
+_conv3d_looped.defvjp(_conv3d_looped_fwd, _conv3d_looped_bwd)
 
 
 def _frames_at(z: Array, offset: int, n: int, mode: Pad) -> Array:
@@ -237,6 +316,21 @@ def _conv3d_as_2d_padded(x: Array, kernel: Array, strides, time_pad: tuple[int, 
 _PHASE_TAPS = (((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1)))
 
 
+def _phase_kernel(kernel: Array, dy: int, dx: int) -> Array:
+  """The 2x2 kernel `[*ks, 2, 2, C, O]` of output phase (dy, dx) from a 3x3 one `[*ks, 3, 3, C, O]` (`_PHASE_TAPS`).
+
+  Each merged tap is a sum of 1-4 kernel slices; XLA fuses the sums and their concatenation into one pass that writes
+  just the merged kernel (an einsum with the 0/1 tap matrices is a dot plus a transposed copy).
+  """
+  rows, cols = kernel.ndim - 4, kernel.ndim - 3
+  def merged(a: int, b: int) -> Array:
+    return functools.reduce(lax.add, [
+        lax.index_in_dim(lax.index_in_dim(kernel, i, rows), j, cols)
+        for i, row_used in enumerate(_PHASE_TAPS[dy][a]) if row_used
+        for j, col_used in enumerate(_PHASE_TAPS[dx][b]) if col_used])
+  return jnp.concatenate([jnp.concatenate([merged(a, b) for b in (0, 1)], cols) for a in (0, 1)], rows)
+
+
 def upsample_conv_apply(x: Array, kernel: Array, bias: Array, *,
                         padding: tuple[tuple[int, int, Pad], ...] | None = None, dtype: Dtype = jnp.float32,
                         precision: Any = None) -> Array:
@@ -262,9 +356,6 @@ def upsample_conv_apply(x: Array, kernel: Array, bias: Array, *,
   if any((lo, hi) != (1, 1) for lo, hi, _ in padding[-2:]) or len(modes) != 1:
     raise ValueError(f"upsample_conv_apply: expected padding (1, 1, mode) in H and W, one mode, got {padding}")
   h, w, o = x.shape[-3], x.shape[-2], kernel.shape[-1]
-  taps = jnp.asarray(_PHASE_TAPS, kernel.dtype)
-  # [*ks, 3, 3, C, O] -> [*ks, 2 (a), 2 (b), C, 2 (dy), 2 (dx), O]
-  merged = jnp.einsum("pai,qbj,...ijco->...abcpqo", taps, taps, kernel, precision=lax.Precision.HIGHEST)
   if modes == {Pad.REPLICATE}:
     x = jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [(1, 1), (1, 1), (0, 0)], mode="edge")
     extra = 0
@@ -275,8 +366,8 @@ def upsample_conv_apply(x: Array, kernel: Array, bias: Array, *,
     row = []
     for dx in (0, 1):
       pad = padding[:-2] + ((extra - dy, extra + dy - 1, Pad.ZEROS), (extra - dx, extra + dx - 1, Pad.ZEROS))
-      row.append(_conv_float32(x, merged[..., dy, dx, :], strides=None, padding=pad, dtype=dtype,
-                               precision=precision))
+      merged = _phase_kernel(kernel, dy, dx)
+      row.append(_conv_float32(x, merged, strides=None, padding=pad, dtype=dtype, precision=precision))
     phases.append(jnp.stack(row, axis=-2))  # [B, *s', H, W, 2 (dx), O]
   y = jnp.stack(phases, axis=-4)  # [B, *s', H, 2 (dy), W, 2 (dx), O]
   y = y.reshape(*y.shape[:-5], 2 * h, 2 * w, o)

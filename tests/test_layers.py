@@ -115,3 +115,36 @@ def test_conv3d_as_2d_matches_a_3d_convolution(frames, time_pad, stride):
   want = _conv3d_reference(x, kernel, bias, strides, padding)
   assert got.shape == want.shape
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("frames", [1, 2, 5])
+@pytest.mark.parametrize("time_pad,stride", [((2, 0, REPLICATE), 1), ((1, 1, ZEROS), 1), ((0, 0, ZEROS), 1),
+                                             ((2, 0, REPLICATE), 2), ((1, 1, ZEROS), 2), ((2, 0, ZEROS), 2)])
+def test_frame_loop_equals_the_tap_form(frames, time_pad, stride):
+  """One output frame at a time (CPU's form) == one batched 2D convolution per tap, bit for bit, and gradients."""
+  if frames + time_pad[0] + time_pad[1] < 3:
+    pytest.skip("kernel longer than the padded clip")
+  x, kernel, _ = _arrays((2, frames, 6, 5, 3), (3, 3, 3, 3, 4), seed=frames)
+  static = ((stride, 2, 1), time_pad, ((1, 1), (0, 1)), None)
+  taps = layers._conv3d_taps(x, kernel, *static)
+  np.testing.assert_array_equal(layers._conv3d_frame_loop(x, kernel, *static), taps)
+  np.testing.assert_array_equal(layers._conv3d_looped(x, kernel, *static), taps)
+  cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(taps.shape), jnp.float32)
+  loss = lambda f: lambda x, k: jnp.sum(f(x, k, *static) * cotangent)
+  for got, want in zip(jax.grad(loss(layers._conv3d_looped), (0, 1))(x, kernel),
+                       jax.grad(loss(layers._conv3d_taps), (0, 1))(x, kernel)):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_large_frames_loop_over_time_on_cpu_only(monkeypatch):
+  """Frames of >= FRAME_LOOP_MIN_PIXELS take the frame loop (a while loop) on CPU; GPU lowering keeps the tap form."""
+  monkeypatch.setattr(layers, "FRAME_LOOP_MIN_PIXELS", 6 * 5)
+  x, kernel, bias = _arrays((1, 5, 6, 5, 3), (3, 3, 3, 3, 4))
+  padding = ((2, 0, REPLICATE), (1, 1, ZEROS), (1, 1, ZEROS))
+  conv = jax.jit(lambda x, k: layers.conv_apply(x, k, bias, padding=padding))
+  assert "while" in conv.lower(x, kernel).as_text()
+  assert "while" not in conv.trace(x, kernel).lower(lowering_platforms=("cuda",)).as_text()
+  small = jax.jit(lambda x, k: layers.conv_apply(x[:, :, :5], k, bias, padding=padding))
+  assert "while" not in small.lower(x, kernel).as_text()
+  np.testing.assert_allclose(conv(x, kernel), _conv3d_reference(x, kernel, bias, (1, 1, 1), padding),
+                             atol=1e-5, rtol=1e-5)
