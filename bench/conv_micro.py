@@ -4,13 +4,17 @@
     python bench/conv_micro.py --exp upsample [--shape 1,128,128,256] [--video_t 0] [--grad]
     python bench/conv_micro.py --exp model --model image|cvvae --shape 1,256,256,3 [--direction decode]
     python bench/conv_micro.py --exp vs_torch --shape 1,256,256,128,128   # XLA conv vs torch conv2d, one process
+    python bench/conv_micro.py --exp conv3d --shape 1,17,128,128,128,128 [--grad]   # 3x3x3: tap form vs frame loop
 
 Every variant is compiled first, then the variants are called in turn (A B C A B C ...) `--repeats` times in one
 process, so that load from other jobs on the machine hits all of them alike; the JSON line per variant gives the best
 and median time and their ratio to the first (reference) variant. `--grad` times the VJP (d input and d kernel)
 instead of the forward pass. `--exp model` times a whole full-size model (random weights) with `Upsample` as now
 ("phase") against the nearest-repeat formulation it replaced ("repeat"). `--exp vs_torch` alternates XLA's 3x3
-convolution with torch's `conv2d` (NCHW and channels-last, `torch.set_num_threads(2)`) in the same process. Results are checked against the reference (max abs difference printed).
+convolution with torch's `conv2d` (NCHW and channels-last, `torch.set_num_threads(2)`) in the same process.
+`--exp conv3d` times one causal (replicate) 3x3x3 convolution `[B, T, H, W, C] -> [..., O]` as one batched 2D
+convolution per time tap ("taps") against one output frame at a time ("frame_loop", with the taps' gradient).
+Results are checked against the reference (max abs difference printed); each row has XLA's temp memory.
 """
 from __future__ import annotations
 
@@ -160,6 +164,7 @@ def vs_torch(dims, repeats: int) -> list[dict]:
 
 def interleaved(fns: dict, args, repeats: int, ref_name: str) -> list[dict]:
   compiled = {n: jax.jit(f).lower(*args).compile() for n, f in fns.items()}
+  temp_mb = {n: c.memory_analysis().temp_size_in_bytes / 2 ** 20 for n, c in compiled.items()}
   outs = {n: jax.block_until_ready(c(*args)) for n, c in compiled.items()}
   ref = jax.tree.leaves(outs[ref_name])
   times = {n: [] for n in fns}
@@ -175,13 +180,13 @@ def interleaved(fns: dict, args, repeats: int, ref_name: str) -> list[dict]:
     rows.append(dict(variant=n, best_s=min(times[n]), median_s=statistics.median(times[n]),
                      best_ratio=min(times[n]) / min(times[ref_name]),
                      median_ratio=statistics.median(times[n]) / statistics.median(times[ref_name]),
-                     max_abs_diff=err, max_abs_ref=scale))
+                     max_abs_diff=err, max_abs_ref=scale, xla_temp_mb=temp_mb[n]))
   return rows
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--exp", default="conv3x3", choices=["conv3x3", "upsample", "model", "vs_torch"])
+  p.add_argument("--exp", default="conv3x3", choices=["conv3x3", "conv3d", "upsample", "model", "vs_torch"])
   p.add_argument("--model", default="image", choices=["image", "cvvae"])
   p.add_argument("--direction", default="decode", choices=["encode", "decode"])
   p.add_argument("--shape", default="1,256,256,128,128")
@@ -209,6 +214,15 @@ def main():
     fns = {n: f for n, f in CONV_VARIANTS.items() if not args.variants or n in args.variants.split(",")}
     fargs = (x, k)
     flops = 2 * bsz * h * w * 9 * c * o
+  elif args.exp == "conv3d":
+    bsz, t, h, w, c, o = dims
+    x = jnp.asarray(rng.standard_normal((bsz, t, h, w, c), np.float32))
+    k = jnp.asarray(rng.standard_normal((3, 3, 3, c, o), np.float32) / np.sqrt(27 * c))
+    static = ((1, 1, 1), (2, 0, layers.Pad.REPLICATE), ((1, 1), (1, 1)), None)
+    fns = dict(taps=lambda x, k: layers._conv3d_taps(x, k, *static),
+               frame_loop=lambda x, k: layers._conv3d_looped(x, k, *static))
+    fargs = (x, k)
+    flops = 2 * bsz * t * h * w * 27 * c * o
   else:
     bsz, h, w, c = dims
     video = args.video_t > 0

@@ -93,10 +93,8 @@ def main():
                   xla_output_mb=mem.output_size_in_bytes / 2 ** 20)
   else:
     t = time.perf_counter()
-    if encoder:
-      out = inference.encode_streaming(vae, params, x, tiling=cfg)
-    else:
-      out = inference.decode_streaming(vae, params, x, tiling=cfg)
+    stream = inference.encode_streaming if encoder else inference.decode_streaming
+    out = stream(vae, params, x, tiling=cfg, progress=tiling.chunk_progress(args.case))
     elapsed = time.perf_counter() - t
     result.update(output_shape=list(out.shape), seconds=elapsed, seconds_per_chunk=elapsed / len(plan.time),
                   projected_full_seconds=elapsed / len(plan.time) * chunks, finite=bool(np.isfinite(out).all()),

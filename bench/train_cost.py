@@ -91,9 +91,10 @@ def worker_full(case_name: str, fsdp: int, compile_: bool) -> dict:
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   from configs import cvvae as cvvae_config
-  from cvvae_jax import lpips, sharding, train_lib
+  from cvvae_jax import layers, lpips, sharding, train_lib
   from cvvae_jax.sd_vae import ImageVAE
 
+  layers.CPU_FORMS = False  # XLA:CPU as the proxy of the accelerator program, not of the CPU-specific one
   case = _parse_case(case_name)
   sp = case["spatial"]
   devices = fsdp * sp

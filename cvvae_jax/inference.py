@@ -23,7 +23,7 @@ frame; 4D inputs are a batch of images).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -173,14 +173,15 @@ def decode(model, params, latents, *, tiling: TilingConfig | None = None, image_
 
 
 def posterior_streaming(model, params, video, *, tiling: TilingConfig | None = None, image_mode: bool = False,
-                        dtype: Any = None) -> DiagonalGaussian:
+                        dtype: Any = None, progress: Callable[[int, int], None] | None = None) -> DiagonalGaussian:
   """`encode_posterior` chunk by chunk from the host (numpy or jax input; mean/logvar as numpy float32).
 
   One compilation per chunk shape, reused across chunks and calls (videos of any length at least one chunk long
-  share it); memory holds the input, the output and one chunk.
+  share it); memory holds the input, the output and one chunk. `progress(done, total)` is called after every chunk
+  (e.g. `tiling.chunk_progress("encode")`).
   """
   coder, plan, x5, was_4d = _prepare(model, params, video, tiling, image_mode, True, dtype)
-  moments = tiling_lib.apply_streaming(coder, params, x5, plan, coder.geometry)
+  moments = tiling_lib.apply_streaming(coder, params, x5, plan, coder.geometry, progress)
   if was_4d:
     moments = moments[:, 0]
   c = moments.shape[-1] // 2
@@ -189,9 +190,11 @@ def posterior_streaming(model, params, video, *, tiling: TilingConfig | None = N
 
 
 def encode_streaming(model, params, video, rng: jax.Array | None = None, *, tiling: TilingConfig | None = None,
-                     image_mode: bool = False, dtype: Any = None) -> np.ndarray:
+                     image_mode: bool = False, dtype: Any = None,
+                     progress: Callable[[int, int], None] | None = None) -> np.ndarray:
   """`encode` chunk by chunk from the host: scaled latents as a numpy float32 array."""
-  posterior = posterior_streaming(model, params, video, tiling=tiling, image_mode=image_mode, dtype=dtype)
+  posterior = posterior_streaming(model, params, video, tiling=tiling, image_mode=image_mode, dtype=dtype,
+                                  progress=progress)
   z = posterior.mean
   if rng is not None:
     eps = np.asarray(jax.random.normal(rng, z.shape, jnp.float32))
@@ -200,11 +203,11 @@ def encode_streaming(model, params, video, rng: jax.Array | None = None, *, tili
 
 
 def decode_streaming(model, params, latents, *, tiling: TilingConfig | None = None, image_mode: bool = False,
-                     dtype: Any = None) -> np.ndarray:
+                     dtype: Any = None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
   """`decode` chunk by chunk from the host: the video as a numpy float32 array (not clipped)."""
   z = np.asarray(latents, np.float32) / model.scaling_factor + model.shift_factor
   coder, plan, z5, was_4d = _prepare(model, params, z, tiling, image_mode, False, dtype)
-  out = tiling_lib.apply_streaming(coder, params, z5, plan, coder.geometry)
+  out = tiling_lib.apply_streaming(coder, params, z5, plan, coder.geometry, progress)
   return out[:, 0] if was_4d else out
 
 

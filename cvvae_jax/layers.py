@@ -143,6 +143,8 @@ def _conv_float32(x: Array, kernel: Array, *, strides: tuple[int, ...] | None, p
   rank = kernel.ndim - 2
   padding = tuple(padding or ((0, 0, Pad.ZEROS),) * rank)
   strides = strides or (1,) * rank
+  if (rank == 3 and kernel.shape[0] > 1) or kernel.dtype != dtype:  # kernel taps or a cast: derived per call
+    x, kernel = _kernel_when_used(x, kernel)
   if rank == 3 and kernel.shape[0] > 1:
     time_pad, padding = padding[0], padding[1:]  # time padding: inside _conv3d_as_2d
   # Replicate padding is explicit; zero padding is folded into the convolution.
@@ -159,6 +161,27 @@ def _conv_float32(x: Array, kernel: Array, *, strides: tuple[int, ...] | None, p
       preferred_element_type=jnp.float32)  # accumulate in float32 also for bf16 compute
 
 
+def _kernel_when_used(x: Array, kernel: Array) -> tuple[Array, Array]:
+  """`(x, kernel)` with the same values, but what is computed from this `kernel` now waits for `x`.
+
+  Kernels derived from the params (time-tap slices, merged upsampling phases, casts to the compute dtype) depend on
+  nothing else, so XLA computes those of every layer at the start of the program and keeps them all alive until
+  their layer runs: most of a small decode's peak memory was such copies. Tied to the layer's input, they are made
+  just before their convolution. The tie is a select on a predicate that is always true but that XLA cannot fold
+  (`v == v or v != v` for a float v of `x`, NaN included); it fuses into the copy that derives the kernel.
+  (`lax.optimization_barrier` does not do this: XLA:CPU removes barriers before scheduling.) CPU only: elsewhere
+  memory is less tight, and with `x` sharded over devices reading one of its values would be a collective.
+  """
+  if not CPU_FORMS:
+    return x, kernel
+
+  def tie(x, kernel):
+    v = lax.slice(x.reshape(-1), (0,), (1,))
+    return jnp.where((v == v) | (v != v), kernel, jnp.zeros((), kernel.dtype))
+
+  return x, lax.platform_dependent(x, kernel, cpu=tie, default=lambda x, kernel: kernel)
+
+
 def _conv2d_frames(frames: Array, kernel: Array, strides, space_pad, precision) -> Array:
   return lax.conv_general_dilated(frames, kernel, window_strides=strides, padding=space_pad,
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision,
@@ -168,6 +191,9 @@ def _conv2d_frames(frames: Array, kernel: Array, strides, space_pad, precision) 
 # Frames at least this large (H * W of a 3D convolution's input) are convolved one output frame at a time on CPU
 # (`_conv3d_frame_loop`); smaller ones, where per-frame 2D convolutions are too small to run efficiently, tap by tap.
 FRAME_LOOP_MIN_PIXELS = 64 * 64
+# The CPU-only forms (that frame loop, `_kernel_when_used`) apply when lowering for CPU. False: CPU gets the program
+# accelerators get, e.g. to estimate TPU/GPU memory with XLA:CPU (bench/train_cost.py). Read at trace time.
+CPU_FORMS = True
 
 
 def _conv3d_as_2d(x: Array, kernel: Array, strides, time_pad: tuple[int, int, Pad], space_pad, precision) -> Array:
@@ -188,7 +214,7 @@ def _conv3d_as_2d(x: Array, kernel: Array, strides, time_pad: tuple[int, int, Pa
     raise ValueError(f"temporal kernel {kt} does not fit {x.shape[1]} frames padded by ({t_lo}, {t_hi})")
   static = (tuple(strides), tuple(time_pad), tuple(tuple(p) for p in space_pad), precision)
   taps = lambda x, kernel: _conv3d_taps(x, kernel, *static)
-  if x.shape[2] * x.shape[3] < FRAME_LOOP_MIN_PIXELS:
+  if not CPU_FORMS or x.shape[2] * x.shape[3] < FRAME_LOOP_MIN_PIXELS:
     return taps(x, kernel)
   return lax.platform_dependent(x, kernel, cpu=lambda x, kernel: _conv3d_looped(x, kernel, *static), default=taps)
 
@@ -356,6 +382,7 @@ def upsample_conv_apply(x: Array, kernel: Array, bias: Array, *,
   if any((lo, hi) != (1, 1) for lo, hi, _ in padding[-2:]) or len(modes) != 1:
     raise ValueError(f"upsample_conv_apply: expected padding (1, 1, mode) in H and W, one mode, got {padding}")
   h, w, o = x.shape[-3], x.shape[-2], kernel.shape[-1]
+  x, kernel = _kernel_when_used(x, kernel)
   if modes == {Pad.REPLICATE}:
     x = jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [(1, 1), (1, 1), (0, 0)], mode="edge")
     extra = 0
@@ -366,8 +393,8 @@ def upsample_conv_apply(x: Array, kernel: Array, bias: Array, *,
     row = []
     for dx in (0, 1):
       pad = padding[:-2] + ((extra - dy, extra + dy - 1, Pad.ZEROS), (extra - dx, extra + dx - 1, Pad.ZEROS))
-      merged = _phase_kernel(kernel, dy, dx)
-      row.append(_conv_float32(x, merged, strides=None, padding=pad, dtype=dtype, precision=precision))
+      row.append(_conv_float32(x, _phase_kernel(kernel, dy, dx), strides=None, padding=pad, dtype=dtype,
+                               precision=precision))
     phases.append(jnp.stack(row, axis=-2))  # [B, *s', H, W, 2 (dx), O]
   y = jnp.stack(phases, axis=-4)  # [B, *s', H, 2 (dy), W, 2 (dx), O]
   y = y.reshape(*y.shape[:-5], 2 * h, 2 * w, o)

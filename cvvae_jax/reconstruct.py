@@ -63,7 +63,7 @@ def run(args) -> dict:
   import jax
 
   from cvvae_jax import inference, load_pretrained
-  from cvvae_jax.tiling import TilingConfig
+  from cvvae_jax.tiling import TilingConfig, chunk_progress
   from cvvae_jax.vae3d import CVVAE
 
   video = video_io.read_video(args.input, num_frames=args.frames, stride=args.stride, size=args.size)
@@ -89,10 +89,10 @@ def run(args) -> dict:
   times = {"encode_s": [], "decode_s": []}
   for _ in range(max(1, args.repeat)):
     start = time.perf_counter()
-    z = inference.encode_streaming(model, params, x, **kw)
+    z = inference.encode_streaming(model, params, x, progress=chunk_progress("encode"), **kw)
     times["encode_s"].append(time.perf_counter() - start)
     start = time.perf_counter()
-    out = inference.decode_streaming(model, params, z, **kw)
+    out = inference.decode_streaming(model, params, z, progress=chunk_progress("decode"), **kw)
     times["decode_s"].append(time.perf_counter() - start)
   out = out[0]
   video_io.write_video(args.output, out, fps=fps or 24.0)

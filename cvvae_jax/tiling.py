@@ -480,17 +480,18 @@ def _jit_fn(fn, params, x):
   return fn(params, x)
 
 
-def apply_streaming(fn: TileFn, params, x: Array, plan: Plan, geometry: Geometry) -> np.ndarray:
+def apply_streaming(fn: TileFn, params, x: Array, plan: Plan, geometry: Geometry,
+                    progress: Callable[[int, int], None] | None = None) -> np.ndarray:
   """`fn` over `x` `[B, T, H, W, C]` (numpy or jax) chunk by chunk from the host; returns a numpy array.
 
   Only one chunk is on the device at a time; the output is filled in place on the host. `fn` must be hashable (a
   module-level function or a frozen dataclass, not a fresh lambda) so that its compilation is reused: across the
   chunks of one call and across calls. TILED/EXACT compile once per chunk shape (one shape for any video at least a
-  chunk long); ORIGINAL once per tile shape (at most 8).
+  chunk long); ORIGINAL once per tile shape (at most 8). `progress(done, total)` is called after every chunk.
   """
   spans, space = plan.time, plan.space
   out = None
-  for (a, n), (b, m), keep in _kept(spans, geometry):
+  for done, ((a, n), (b, m), keep) in enumerate(_kept(spans, geometry), start=1):
     chunk = x[:, a:a + n]
     if space.mode is Mode.ORIGINAL:
       y = spatial_original(functools.partial(_jit_fn, fn), params, chunk, space, geometry, np)
@@ -502,4 +503,24 @@ def apply_streaming(fn: TileFn, params, x: Array, plan: Plan, geometry: Geometry
     if y.shape[1] != m:
       raise AssertionError(f"chunk produced {y.shape[1]} frames, expected {m}")
     out[:, b + keep:b + m] = y[:, keep:]
+    if progress is not None:
+      progress(done, len(spans))
   return out
+
+
+def chunk_progress(label: str, stream=None) -> Callable[[int, int], None]:
+  """A `progress` for `apply_streaming` that prints `label: chunk i/n, s per chunk, ETA` (to stderr by default).
+
+  The first chunk's time includes the compilation; the rate is that of the chunks so far.
+  """
+  import sys
+  import time
+
+  start = time.perf_counter()
+
+  def report(done: int, total: int) -> None:
+    per_chunk = (time.perf_counter() - start) / done
+    print(f"{label}: chunk {done}/{total}, {per_chunk:.1f} s per chunk, ETA {per_chunk * (total - done):.0f} s",
+          file=stream or sys.stderr, flush=True)
+
+  return report

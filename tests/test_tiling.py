@@ -270,3 +270,21 @@ def test_errors_name_what_was_expected():
     tiling.make_plan(TilingConfig(encode_chunk_frames=8), geo, (1, 17, 64, 64, 3))
   with pytest.raises(ValueError, match="unknown tiling mode"):
     TilingConfig(mode="fast")
+
+
+def test_streaming_reports_progress_per_chunk():
+  import io
+
+  fn, geo = PoolEncoder(), Geometry.video_encoder()
+  x = _video(1 + 4 * 7, 16, 16, seed=5)
+  plan = tiling.make_plan(TilingConfig(encode_chunk_frames=9), geo, x.shape)
+  calls = []
+  tiling.apply_streaming(fn, PARAMS, x, plan, geo, progress=lambda done, total: calls.append((done, total)))
+  assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+  out = io.StringIO()
+  report = tiling.chunk_progress("encode", stream=out)
+  report(1, 4)
+  report(4, 4)
+  lines = out.getvalue().splitlines()
+  assert lines[0].startswith("encode: chunk 1/4, ") and "s per chunk, ETA" in lines[0]
+  assert lines[1].endswith("ETA 0 s")
