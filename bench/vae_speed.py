@@ -94,20 +94,20 @@ def latent_shape(case: dict) -> tuple[int, ...]:
 # Workers (one process each).
 
 
-def _used_params(fn, params: dict, x) -> dict:
-  """The top-level entries of `params` (encoder, decoder, quant convs) that `fn(params, x)` reads; the rest dropped."""
-  import flax
+def xla_flops(fn, *args) -> float:
+  """XLA's FLOP count of `fn(*args)` (2 per multiply-add), from the program without the CPU-only forms: XLA's cost
+  analysis counts a loop body once, and on CPU large 3D convolutions loop over frames (`layers.CPU_FORMS`)."""
   import jax
 
-  used = dict(params)
-  for key in params:
-    trial = {k: v for k, v in used.items() if k != key}
-    try:
-      jax.eval_shape(fn, trial, x)
-    except flax.errors.FlaxError:  # the call needs `key`
-      continue
-    used = trial
-  return used
+  from cvvae_jax import layers
+
+  layers.CPU_FORMS = False
+  try:  # a fresh function: a jitted `fn` would reuse its trace made with the CPU forms
+    cost = jax.jit(lambda *a: fn(*a)).lower(*args).compile().cost_analysis()
+  finally:
+    layers.CPU_FORMS = True
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
 def _release_freed_memory() -> None:
@@ -123,23 +123,25 @@ def _release_freed_memory() -> None:
 
 
 def worker_ours(folder: str, case: dict, direction: str, repeats: int, used_only: bool = False) -> dict:
-  """Ours in its own process. `used_only`: keep only the params the call reads (the encoder for an encode), as
-  torch's lazily mapped safetensors weights only become resident when a call touches them."""
+  """Ours in its own process. `used_only`: keep only the params the call reads (`inference.params_for`: the encoder
+  for an encode), as torch's lazily mapped safetensors weights only become resident when a call touches them."""
   import jax
   import jax.numpy as jnp
   import numpy as np
 
   import cvvae_jax
+  from cvvae_jax import inference
 
   model, params = cvvae_jax.load_pretrained(folder)
   shape = case["shape"] if direction == "encode" else latent_shape(case)
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32))
   if direction == "encode":
-    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode").mean)
+    call = lambda p, x: model.apply({"params": p}, x, method="encode").mean
   else:
-    fn = jax.jit(lambda p, z: model.apply({"params": p}, z, method="decode"))
+    call = lambda p, z: model.apply({"params": p}, z, method="decode")
+  fn = jax.jit(call)
   if used_only:
-    params = _used_params(fn, params, x)
+    params = inference.params_for(params, direction)
   params = jax.device_put(params)
   _release_freed_memory()
   load_peak = _rss_mb()
@@ -148,9 +150,7 @@ def worker_ours(folder: str, case: dict, direction: str, repeats: int, used_only
   t = time.perf_counter()
   compiled = fn.lower(params, x).compile()
   compile_s = time.perf_counter() - t
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  flops = xla_flops(call, params, x)
   mem = compiled.memory_analysis()
   temp_mb = getattr(mem, "temp_size_in_bytes", 0) / 2 ** 20 if mem is not None else float("nan")
   compiled(params, x).block_until_ready()  # first run (allocations)

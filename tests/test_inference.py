@@ -167,3 +167,21 @@ def test_errors(tiny):
   img_vae = cvvae_jax.ImageVAE(block_out_channels=(32, 32, 32, 32))
   with pytest.raises(ValueError, match="no video mode"):
     inference.Coder(img_vae, True, False)
+
+
+def test_params_for_one_direction(tiny, clip):
+  vae, params = tiny
+  enc_params, dec_params = inference.params_for(params, "encode"), inference.params_for(params, "decode")
+  assert set(enc_params) == {"encoder"} and set(dec_params) == {"decoder"}
+  z = inference.encode_streaming(vae, enc_params, clip)
+  np.testing.assert_array_equal(z, inference.encode_streaming(vae, params, clip))
+  np.testing.assert_array_equal(inference.decode_streaming(vae, dec_params, z),
+                                inference.decode_streaming(vae, params, z))
+  img = cvvae_jax.ImageVAE(block_out_channels=(32, 32), layers_per_block=1, num_groups=8)
+  img_params = inference.random_params(img, seed=0)
+  assert set(inference.params_for(img_params, "encode")) == {"encoder", "quant_conv"}
+  assert set(inference.params_for(img_params, "decode")) == {"decoder", "post_quant_conv"}
+  with pytest.raises(ValueError, match="'encode' or 'decode'"):
+    inference.params_for(params, "reconstruct")
+  with pytest.raises(ValueError, match="no 'decoder' entry"):
+    inference.params_for(enc_params, "decode")
