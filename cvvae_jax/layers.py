@@ -137,6 +137,14 @@ def conv_apply(x: Array, kernel: Array, bias: Array, *, strides: tuple[int, ...]
           + bias).astype(dtype)
 
 
+# Frames at least this large (H * W of a 3D convolution's input) are convolved one output frame at a time on CPU
+# (`_conv3d_frame_loop`); smaller ones, where per-frame 2D convolutions are too small to run efficiently, tap by tap.
+FRAME_LOOP_MIN_PIXELS = 64 * 64
+# The CPU-only forms (that frame loop, `_kernel_when_used`) apply when lowering for CPU. False: CPU gets the program
+# accelerators get, e.g. to estimate TPU/GPU memory with XLA:CPU (bench/train_cost.py). Read at trace time.
+CPU_FORMS = True
+
+
 def _conv_float32(x: Array, kernel: Array, *, strides: tuple[int, ...] | None, padding, dtype: Dtype,
                   precision: Any) -> Array:
   """`conv_apply` without the bias, in `dtype` with the float32 accumulator returned (not rounded to `dtype`)."""
@@ -186,14 +194,6 @@ def _conv2d_frames(frames: Array, kernel: Array, strides, space_pad, precision) 
   return lax.conv_general_dilated(frames, kernel, window_strides=strides, padding=space_pad,
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision,
                                   preferred_element_type=jnp.float32)
-
-
-# Frames at least this large (H * W of a 3D convolution's input) are convolved one output frame at a time on CPU
-# (`_conv3d_frame_loop`); smaller ones, where per-frame 2D convolutions are too small to run efficiently, tap by tap.
-FRAME_LOOP_MIN_PIXELS = 64 * 64
-# The CPU-only forms (that frame loop, `_kernel_when_used`) apply when lowering for CPU. False: CPU gets the program
-# accelerators get, e.g. to estimate TPU/GPU memory with XLA:CPU (bench/train_cost.py). Read at trace time.
-CPU_FORMS = True
 
 
 def _conv3d_as_2d(x: Array, kernel: Array, strides, time_pad: tuple[int, int, Pad], space_pad, precision) -> Array:
