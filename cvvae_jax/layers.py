@@ -177,8 +177,9 @@ def _kernel_when_used(x: Array, kernel: Array) -> tuple[Array, Array]:
   their layer runs: most of a small decode's peak memory was such copies. Tied to the layer's input, they are made
   just before their convolution. The tie is a select on a predicate that is always true but that XLA cannot fold
   (`v == v or v != v` for a float v of `x`, NaN included); it fuses into the copy that derives the kernel.
-  (`lax.optimization_barrier` does not do this: XLA:CPU removes barriers before scheduling.) CPU only: elsewhere
-  memory is less tight, and with `x` sharded over devices reading one of its values would be a collective.
+  (`lax.optimization_barrier` does not do this: XLA:CPU removes barriers before scheduling.) CPU only: with `x`
+  sharded over devices, reading one of its values is a collective (on a CPU mesh, one one-element all-reduce per
+  layer), which accelerator meshes should not pay.
   """
   if not CPU_FORMS:
     return x, kernel
