@@ -143,6 +143,7 @@ def worker_ours(folder: str, case: dict, direction: str, repeats: int, used_only
   if used_only:
     params = inference.params_for(params, direction)
   params = jax.device_put(params)
+  flops = xla_flops(call, params, x)  # its own compilation: before the peak-RSS reset, like loading
   _release_freed_memory()
   load_peak = _rss_mb()
   _reset_peak_rss()
@@ -150,7 +151,6 @@ def worker_ours(folder: str, case: dict, direction: str, repeats: int, used_only
   t = time.perf_counter()
   compiled = fn.lower(params, x).compile()
   compile_s = time.perf_counter() - t
-  flops = xla_flops(call, params, x)
   mem = compiled.memory_analysis()
   temp_mb = getattr(mem, "temp_size_in_bytes", 0) / 2 ** 20 if mem is not None else float("nan")
   compiled(params, x).block_until_ready()  # first run (allocations)
