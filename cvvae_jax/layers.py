@@ -249,7 +249,7 @@ def _conv3d_frame_loop(x: Array, kernel: Array, strides, time_pad: tuple[int, in
   Output frame t sums the 2D convolutions of input frames s*t + k - before over the taps k; a replicate-padding
   frame reads the edge frame (the index is clamped), a zero-padding frame's tap is left out. Memory beyond input and
   output is one frame's worth, and the time is that of the batched form or less on CPU (bench/README.md section
-  2.4). Any time stride. Its own gradient would be a slow per-frame loop: `_conv3d_looped` pairs it with the
+  2.5). Any time stride. Its own gradient would be a slow per-frame loop: `_conv3d_looped` pairs it with the
   gradient of `_conv3d_taps`.
   """
   kt = kernel.shape[0]
