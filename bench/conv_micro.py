@@ -31,7 +31,8 @@ import numpy as np
 from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cvvae_jax import layers  # noqa: E402
+from cvvae_jax.models import conv_ops, layers  # noqa: E402
+from tests.helpers import random_params  # noqa: E402
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -109,9 +110,8 @@ def _upsample_by_repeat(x, kernel, bias, *, padding=None, dtype=jnp.float32, pre
 def model_fns(kind: str, shape, direction: str):
   """Jitted encode or decode of a full-size SD2.1 model (image VAE or CV-VAE), with phase and with repeat upsampling."""
   import cvvae_jax
-  from cvvae_jax import inference
   model = cvvae_jax.ImageVAE() if kind == "image" else cvvae_jax.CVVAE(variant="sd21")
-  params = inference.random_params(model, seed=0)
+  params = random_params(model, seed=0)
   if direction == "decode":
     shape = (shape[0], shape[1] // 8, shape[2] // 8, 4) if kind == "image" else (
         shape[0], (shape[1] - 1) // 4 + 1, shape[2] // 8, shape[3] // 8, 4)
@@ -219,8 +219,8 @@ def main():
     x = jnp.asarray(rng.standard_normal((bsz, t, h, w, c), np.float32))
     k = jnp.asarray(rng.standard_normal((3, 3, 3, c, o), np.float32) / np.sqrt(27 * c))
     static = ((1, 1, 1), (2, 0, layers.Pad.REPLICATE), ((1, 1), (1, 1)), None)
-    fns = dict(taps=lambda x, k: layers._conv3d_taps(x, k, *static),
-               frame_loop=lambda x, k: layers._conv3d_looped(x, k, *static))
+    fns = dict(taps=lambda x, k: conv_ops._conv3d_taps(x, k, *static),
+               frame_loop=lambda x, k: conv_ops._conv3d_looped(x, k, *static))
     fargs = (x, k)
     flops = 2 * bsz * t * h * w * 27 * c * o
   else:

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from configs import data_config  # noqa: E402
+from cvvae_jax.data import config as data_config  # noqa: E402
 from cvvae_jax import data  # noqa: E402
 from cvvae_jax.data import embedded  # noqa: E402
 

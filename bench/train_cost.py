@@ -91,10 +91,12 @@ def worker_full(case_name: str, fsdp: int, compile_: bool) -> dict:
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   from configs import cvvae as cvvae_config
-  from cvvae_jax import layers, lpips, sharding, train_lib
-  from cvvae_jax.sd_vae import ImageVAE
+  from cvvae_jax.models import conv_ops, lpips
+  from cvvae_jax.models.sd_vae import ImageVAE
+  from cvvae_jax.train import build, sharding, step as step_lib
+  from cvvae_jax.train.state import init_state
 
-  layers.CPU_FORMS = False  # XLA:CPU as the proxy of the accelerator program, not of the CPU-specific one
+  conv_ops.CPU_FORMS = False  # XLA:CPU as the proxy of the accelerator program, not of the CPU-specific one
   case = _parse_case(case_name)
   sp = case["spatial"]
   devices = fsdp * sp
@@ -104,26 +106,26 @@ def worker_full(case_name: str, fsdp: int, compile_: bool) -> dict:
     config.train.remat = case["remat"]
     config.mesh.data, config.mesh.fsdp = 1, devices
   image_vae = ImageVAE()  # SD2.1's image VAE (diffusers AutoencoderKL config), the frozen regularizer
-  models = train_lib.build_models(config, image_vae)
+  models = build.build_models(config, image_vae)
   if len(jax.devices()) < devices:
     raise ValueError(f"{case_name}: needs {devices} devices, {jax.devices()[0].platform} has {len(jax.devices())}")
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:devices])
   frozen = {"lpips": lpips.lpips_param_shapes(),
             "image_vae": jax.eval_shape(image_vae.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"]}
-  abstract = jax.eval_shape(functools.partial(train_lib.init_state, models), jax.random.PRNGKey(0))
+  abstract = jax.eval_shape(functools.partial(init_state, models), jax.random.PRNGKey(0))
   state_sh = sharding.state_shardings(abstract, mesh)
   frozen_sh = sharding.param_shardings(frozen, mesh)
-  update = train_lib.Update(case["update"])
+  update = step_lib.Update(case["update"])
   per_device = (IMAGES[0], 1, *IMAGES[1:]) if case["image"] else (1, *CLIP)
   if sp == 1:  # the trainer's program: the batch split over the devices
-    fn = train_lib.TrainStep(models, mesh, state_sh, frozen_sh)._fns[update]  # pylint: disable=protected-access
+    fn = step_lib.TrainStep(models, mesh, state_sh, frozen_sh)._fns[update]  # pylint: disable=protected-access
     batch = {"video": jax.ShapeDtypeStruct((per_device[0] * devices, *per_device[1:], 3), jnp.float32)}
   else:  # one clip on `sp` devices, its height split over them (XLA partitions the convolutions spatially)
     if fsdp != 1:
       raise ValueError(f"{case_name}: spatial cases put one clip on their {sp} devices; expected --fsdp 1")
     per_device = (1, CLIP[0], CLIP[1] // sp, CLIP[2])
     replicated = NamedSharding(mesh, P())
-    fn = jax.jit(functools.partial(train_lib.train_step, models=models, update=update),
+    fn = jax.jit(functools.partial(step_lib.train_step, models=models, update=update),
                  in_shardings=(state_sh, {"video": NamedSharding(mesh, P(None, None, "fsdp"))}, replicated,
                                frozen_sh), out_shardings=(state_sh, replicated), donate_argnums=(0,))
     batch = {"video": jax.ShapeDtypeStruct((1, *CLIP, 3), jnp.float32)}
@@ -155,20 +157,22 @@ def worker_demo(repeats: int) -> dict:
   import numpy as np
 
   from configs import cvvae as cvvae_config, image_vae as image_vae_config
-  from cvvae_jax import lpips, sharding, train_lib
+  from cvvae_jax.models import lpips
+  from cvvae_jax.train import build, sharding, step as step_lib
+  from cvvae_jax.train.state import init_state
 
   config = cvvae_config.get_config("sd21,demo")
-  image_vae = train_lib.build_vae(image_vae_config.get_config("sd21,demo").model)
-  models = train_lib.build_models(config, image_vae)
+  image_vae = build.build_vae(image_vae_config.get_config("sd21,demo").model)
+  models = build.build_models(config, image_vae)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
   frozen = {"lpips": lpips.load_lpips_params(),
             "image_vae": jax.jit(image_vae.init)(jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 3)))["params"]}
-  state_sh = sharding.state_shardings(jax.eval_shape(functools.partial(train_lib.init_state, models),
+  state_sh = sharding.state_shardings(jax.eval_shape(functools.partial(init_state, models),
                                                      jax.random.PRNGKey(0)), mesh)
   frozen_sh = sharding.param_shardings(jax.eval_shape(lambda: frozen), mesh)
   frozen = jax.device_put(frozen, frozen_sh)
-  step_fn = train_lib.TrainStep(models, mesh, state_sh, frozen_sh)
-  state = jax.jit(functools.partial(train_lib.init_state, models), out_shardings=state_sh)(jax.random.PRNGKey(0))
+  step_fn = step_lib.TrainStep(models, mesh, state_sh, frozen_sh)
+  state = jax.jit(functools.partial(init_state, models), out_shardings=state_sh)(jax.random.PRNGKey(0))
   rng = jax.random.PRNGKey(0)
   rows = []
   for stream in ("video", "image"):
@@ -176,7 +180,7 @@ def worker_demo(repeats: int) -> dict:
     shape = (s.batch_size, s.frames, *s.size, 3)
     x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
     batch = sharding.shard_host_batch({"video": x}, mesh)
-    for update in (train_lib.Update.GENERATOR, train_lib.Update.DISCRIMINATOR):
+    for update in (step_lib.Update.GENERATOR, step_lib.Update.DISCRIMINATOR):
       fn = step_fn._fns[update]  # pylint: disable=protected-access
       t = time.perf_counter()
       compiled = fn.lower(state, batch, rng, frozen).compile()

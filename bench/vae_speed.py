@@ -96,16 +96,16 @@ def latent_shape(case: dict) -> tuple[int, ...]:
 
 def xla_flops(fn, *args) -> float:
   """XLA's FLOP count of `fn(*args)` (2 per multiply-add), from the program without the CPU-only forms: XLA's cost
-  analysis counts a loop body once, and on CPU large 3D convolutions loop over frames (`layers.CPU_FORMS`)."""
+  analysis counts a loop body once, and on CPU large 3D convolutions loop over frames (`conv_ops.CPU_FORMS`)."""
   import jax
 
-  from cvvae_jax import layers
+  from cvvae_jax.models import conv_ops
 
-  layers.CPU_FORMS = False
+  conv_ops.CPU_FORMS = False
   try:  # a fresh function: a jitted `fn` would reuse its trace made with the CPU forms
     cost = jax.jit(lambda *a: fn(*a)).lower(*args).compile().cost_analysis()
   finally:
-    layers.CPU_FORMS = True
+    conv_ops.CPU_FORMS = True
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
@@ -259,14 +259,14 @@ def worker_pair(folder: str, case: dict, direction: str, repeats: int, threads: 
 
 def make_folder(kind: str, root: str) -> str:
   import cvvae_jax
-  from cvvae_jax import inference
+  from tests.helpers import random_params
 
   if kind == "image":
     model = cvvae_jax.ImageVAE()  # SD2.1 config: 128/256/512/512, 4 latent channels, quant convs
   else:
     model = cvvae_jax.CVVAE(variant="sd21")
   path = os.path.join(root, kind)
-  cvvae_jax.save_pretrained(model, inference.random_params(model, seed=0), path)
+  cvvae_jax.save_pretrained(model, random_params(model, seed=0), path)
   return path
 
 

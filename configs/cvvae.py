@@ -12,7 +12,8 @@ Any field can be overridden on the command line, e.g. `--config.loss.psi=slice`.
 """
 import ml_collections
 
-from configs import common, data_config
+from cvvae_jax.data import config as data_config
+from cvvae_jax.train import config as common
 
 CHOICES = {"variant": ("sd21", "sd3"), "scale": ("full", "demo")}
 

@@ -7,7 +7,8 @@ into CV-VAE and uses it, frozen, as the latent regularizer.
 """
 import ml_collections
 
-from configs import common, data_config
+from cvvae_jax.data import config as data_config
+from cvvae_jax.train import config as common
 
 CHOICES = {"variant": ("sd21", "sd3"), "scale": ("full", "demo")}
 

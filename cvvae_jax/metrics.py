@@ -1,4 +1,4 @@
-"""Reconstruction metrics: PSNR and SSIM per frame (jittable JAX), LPIPS per frame, and set summaries.
+"""Reconstruction metrics: PSNR and SSIM per frame (jittable JAX) and their summaries over a set (numpy).
 
 Range convention. Our videos live in [-1, 1]; the paper (as is usual) reports PSNR/SSIM on [0, 1] images
 (equivalently uint8 images with data range 255). So :func:`psnr` and :func:`ssim` take [-1, 1] inputs,
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Iterable, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -51,20 +51,21 @@ def _check_pair(x: jax.Array, y: jax.Array, min_size: int = 1) -> None:
     raise ValueError(f"expected H, W >= {min_size}, got H={x.shape[-3]}, W={x.shape[-2]}")
 
 
-def psnr(x: jax.Array, y: jax.Array, *, clip: bool = True) -> jax.Array:
-  """Peak signal-to-noise ratio in dB, per image.
+def psnr(x: jax.Array, y: jax.Array, *, clip: bool = True,
+         axis: Sequence[int] = (-3, -2, -1)) -> jax.Array:
+  """Peak signal-to-noise ratio in dB, per image (or over the axes `axis`, e.g. per clip or over a video).
 
   Args:
     x, y: ``[..., H, W, C]`` in [-1, 1] (reference and reconstruction; PSNR is symmetric).
     clip: clip to the valid range after mapping to [0, 1] (see module docstring).
+    axis: the axes the mean squared error runs over: H, W, C by default.
 
   Returns:
-    ``[...]`` float32: ``10 log10(1 / MSE)`` with the MSE over H, W, C of the [0, 1] images; ``inf`` for
-    identical images.
+    ``[...]`` float32: ``10 log10(1 / MSE)`` with the MSE of the [0, 1] images; ``inf`` for identical images.
   """
   _check_pair(x, y)
   a, b = to_unit_range(x, clip), to_unit_range(y, clip)
-  mse = jnp.mean(jnp.square(a - b), axis=(-3, -2, -1))
+  mse = jnp.mean(jnp.square(a - b), axis=tuple(axis))
   return 10.0 * jnp.log10(DATA_RANGE**2 / mse)
 
 
@@ -116,29 +117,6 @@ def ssim(x: jax.Array, y: jax.Array, *, clip: bool = True) -> jax.Array:
   ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
       (mu_a * mu_a + mu_b * mu_b + c1) * (var_a + var_b + c2))
   return jnp.mean(ssim_map, axis=(1, 2, 3)).reshape(lead)
-
-
-def frame_metrics(x: jax.Array, y: jax.Array, lpips_params: Optional[Mapping[str, Any]] = None,
-                  *, clip: bool = True) -> dict[str, jax.Array]:
-  """PSNR, SSIM and (given LPIPS parameters) LPIPS per frame of two videos; jittable.
-
-  Args:
-    x, y: reference and reconstruction, videos ``[B, T, H, W, 3]`` in [-1, 1].
-    lpips_params: from :func:`cvvae_jax.lpips.load_lpips_params`; ``None`` skips LPIPS.
-    clip: clip both to [-1, 1] first (as PSNR/SSIM do; LPIPS then sees the clipped frames too).
-
-  Returns:
-    ``{"psnr": [B, T], "ssim": [B, T], "lpips": [B, T]}`` float32 (``lpips`` only with parameters).
-  """
-  if x.ndim != 5:
-    raise ValueError(f"expected videos [B, T, H, W, C], got shape {tuple(x.shape)}")
-  out = {"psnr": psnr(x, y, clip=clip), "ssim": ssim(x, y, clip=clip)}
-  if lpips_params is not None:
-    from cvvae_jax import lpips  # pylint: disable=g-import-not-at-top
-    if clip:
-      x, y = jnp.clip(x, -1.0, 1.0), jnp.clip(y, -1.0, 1.0)
-    out["lpips"] = lpips.lpips_distance_video(lpips_params, x, y)
-  return out
 
 
 # --------------------------------------------------------------------------------------------------

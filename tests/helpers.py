@@ -1,17 +1,22 @@
-"""Shared test helpers: reference files, golden folders, tiny models and comparison measures."""
+"""Shared test helpers: the reference data in testdata/, golden weight folders, tiny models, comparison measures."""
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import os
+import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import skimage.data
+from flax import traverse_util
+from safetensors.numpy import save_file
 
-REFERENCE = os.environ.get("CVVAE_REFERENCE", os.path.join(os.path.dirname(__file__), "..", "..", "shared",
-                                                           "reference"))
+from cvvae_jax.models import registry
+
+# Reference data of the released models and golden outputs of the original code (testdata/README.md says where
+# each file came from). Nothing outside the repository is read.
+REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata")
 GOLDEN = os.path.join(REFERENCE, "golden")
 GOLDEN_NAMES = ("cvvae_sd21_tiny", "cvvae_sd3_tiny", "sd21_image_vae_tiny", "sd3_image_vae_tiny")
 FULL_NAMES = ("cvvae_sd21", "cvvae_sd3", "sd21_image_vae", "sd3_image_vae")
@@ -41,17 +46,59 @@ def read_json(path: str):
     return json.load(f)
 
 
-@functools.lru_cache(maxsize=None)
-def _make_weights_module():
-  spec = importlib.util.spec_from_file_location("make_weights", os.path.join(GOLDEN, "make_weights.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+def golden_state_dict(name: str, salt: str = "") -> dict[str, np.ndarray]:
+  """The deterministic weights of golden model `name` (torch names and shapes from `GOLDEN/<name>.params.tsv`).
+
+  The recipe the golden outputs were made with (testdata/README.md), per key K of torch shape S:
+  rng = Generator(PCG64(crc32(salt + K))); a tensor with ndim >= 2 ~ U(-b, b), b = 1/sqrt(prod(S[1:])); its bias
+  the same bound as its weight; other 1-D weights (norm scales) 1 + 0.1 N(0, 1), other biases 0.1 N(0, 1); drawn in
+  float64, stored as float32. `weights_checksums.json` records the result (tested in tests/weights/test_convert.py).
+  """
+  shapes = {key: shape for key, (shape, _) in read_tsv(os.path.join(GOLDEN, f"{name}.params.tsv")).items()}
+  out = {}
+  for key, shape in shapes.items():
+    rng = np.random.Generator(np.random.PCG64(zlib.crc32((salt + key).encode())))
+    weight = shapes.get(key[:-len("bias")] + "weight", ()) if key.endswith(".bias") else ()
+    if len(shape) >= 2 or len(weight) >= 2:  # a conv / linear weight, or its bias: the weight's fan-in bound
+      bound = 1.0 / np.sqrt(np.prod((shape if len(shape) >= 2 else weight)[1:]))
+      arr = rng.uniform(-bound, bound, shape)
+    elif key.endswith(".weight"):
+      arr = 1.0 + 0.1 * rng.standard_normal(shape)
+    elif key.endswith(".bias"):
+      arr = 0.1 * rng.standard_normal(shape)
+    else:
+      raise ValueError(f"no recipe for key {key}")
+    out[key] = np.ascontiguousarray(arr.astype(np.float32))
+  return out
 
 
 def write_golden_folder(name: str, out_dir: str, salt: str = "") -> str:
-  """An original-layout PyTorch folder with the fixture recipe's deterministic weights."""
-  return _make_weights_module().write_folder(name, out_dir, salt)
+  """An original-layout PyTorch folder (config.json + diffusion_pytorch_model.safetensors) of golden model `name`."""
+  os.makedirs(out_dir, exist_ok=True)
+  save_file(golden_state_dict(name, salt), os.path.join(out_dir, "diffusion_pytorch_model.safetensors"))
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(read_json(os.path.join(GOLDEN, f"{name}.config.json")), f, indent=2, sort_keys=True)
+  return out_dir
+
+
+def random_params(model, seed: int = 0):
+  """Random float32 parameters of `model`'s shapes, drawn with numpy (seconds, where compiling `model.init` takes
+  tens of seconds on CPU). Kernels ~ N(0, 1/fan_in), norm scales 1, biases 0: for tests and benchmarks (memory and
+  speed are the same as with real weights), not a training initialization."""
+  registry.check_model(model)
+  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), registry.example_input(model))["params"]
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = getattr(path[-1], "key", str(path[-1]))
+    if name == "kernel":
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      return jnp.asarray(rng.standard_normal(leaf.shape, np.float32) / np.sqrt(fan_in))
+    if name == "scale":
+      return jnp.ones(leaf.shape, leaf.dtype)
+    return jnp.zeros(leaf.shape, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
 def to_channels_last(a: np.ndarray) -> np.ndarray:
@@ -64,7 +111,6 @@ def jit_method(model, method: str):
 
 def randomize_norms_and_biases(params, seed: int = 0):
   """Non-trivial biases (0.1 N(0,1)) and norm scales (1 + 0.1 N(0,1)), so tests see every parameter."""
-  from flax import traverse_util
   flat = traverse_util.flatten_dict(params, sep="/")
   keys = jax.random.split(jax.random.PRNGKey(seed), len(flat))
   out = {}
@@ -79,3 +125,24 @@ def randomize_norms_and_biases(params, seed: int = 0):
 
 def tiny_input(shape, seed=0):
   return jax.random.uniform(jax.random.PRNGKey(seed), shape, jnp.float32, -1.0, 1.0)
+
+
+def astronaut_videos(b=2, t=5, h=40, w=48, seed=0):
+  """Natural-image crops (astronaut) and distorted copies, videos [B, T, H, W, 3] in [-1, 1]."""
+  rng = np.random.default_rng(seed)
+  img = skimage.data.astronaut().astype(np.float32) / 127.5 - 1.0
+  x = np.empty((b, t, h, w, 3), np.float32)
+  for i in range(b):
+    for j in range(t):
+      r, c = rng.integers(0, 512 - h), rng.integers(0, 512 - w)
+      x[i, j] = img[r:r + h, c:c + w]
+  sigma = rng.uniform(0.02, 0.3, size=(b, t, 1, 1, 1)).astype(np.float32)
+  y = np.clip(x + sigma * rng.normal(size=x.shape).astype(np.float32), -1, 1)
+  return x, y
+
+
+def index_video(b=3, k=2, h=2, w=2, c=3):
+  """Video whose pixels hold 100 * example + frame index: [B, 1+4k, H, W, C]."""
+  t = 1 + 4 * k
+  values = 100.0 * np.arange(b)[:, None] + np.arange(t)[None, :]
+  return jnp.asarray(np.broadcast_to(values[:, :, None, None, None], (b, t, h, w, c)).astype(np.float32))

@@ -6,24 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import skimage.data
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from cvvae_jax import metrics as M
-
-
-def _videos(b=2, t=5, h=40, w=48, seed=0):
-  """Natural-image crops (astronaut) and distorted copies, videos [B, T, H, W, 3] in [-1, 1]."""
-  rng = np.random.default_rng(seed)
-  img = skimage.data.astronaut().astype(np.float32) / 127.5 - 1.0
-  x = np.empty((b, t, h, w, 3), np.float32)
-  for i in range(b):
-    for j in range(t):
-      r, c = rng.integers(0, 512 - h), rng.integers(0, 512 - w)
-      x[i, j] = img[r:r + h, c:c + w]
-  sigma = rng.uniform(0.02, 0.3, size=(b, t, 1, 1, 1)).astype(np.float32)
-  y = np.clip(x + sigma * rng.normal(size=x.shape).astype(np.float32), -1, 1)
-  return x, y
+from tests.helpers import astronaut_videos as _videos
 
 
 def _unit(v):
@@ -87,27 +73,12 @@ def test_psnr_known_value_and_image_shapes():
   assert M.ssim(x, y).shape == (4,)
 
 
-def test_frame_metrics_with_lpips():
-  from cvvae_jax import lpips
-  params = lpips.load_lpips_params()
-  x, y = _videos(b=1, t=2, h=32, w=32)
-  out = jax.jit(M.frame_metrics)(jnp.asarray(x), jnp.asarray(y), params)
-  assert set(out) == {"psnr", "ssim", "lpips"}
-  assert all(v.shape == (1, 2) for v in out.values())
-  np.testing.assert_allclose(np.asarray(out["lpips"]),
-                             np.asarray(lpips.lpips_distance(params, jnp.asarray(x[0]), jnp.asarray(y[0])))[None],
-                             rtol=1e-5, atol=1e-7)
-  assert set(M.frame_metrics(jnp.asarray(x), jnp.asarray(y))) == {"psnr", "ssim"}
-
-
 def test_input_errors():
   x = jnp.zeros((1, 16, 16, 3))
   with pytest.raises(ValueError, match="equal shape"):
     M.psnr(x, jnp.zeros((1, 16, 17, 3)))
   with pytest.raises(ValueError, match="H, W >= 11"):
     M.ssim(x[:, :10], x[:, :10])
-  with pytest.raises(ValueError, match=r"\[B, T, H, W, C\]"):
-    M.frame_metrics(x, x)
 
 
 def test_summaries():

@@ -1,4 +1,4 @@
-"""Video and image input pipeline: folders or TFDS -> `{"video": float32 [B, T, H, W, 3] in [-1, 1]}`.
+"""The input pipeline: folders or TFDS of videos and images -> `{"video": float32 [B, T, H, W, 3] in [-1, 1]}`.
 
 Entry points:
   create_train_iterator(config, seed=..., start_step=...)   mixed, per-host, resumable training batches
@@ -7,7 +7,7 @@ Entry points:
   prepare_folder(kind, folder, data_dir)                     a user folder -> TFDS (array_record)
   DataStats                                                  skipped inputs, fallbacks, throughput
 
-Using your own data (config = `configs/data_config.py`, under `config.data` in the trainer):
+Using your own data (config = `cvvae_jax/data/config.py`, under `config.data` in the trainer):
 
 1. Quick start, reading folders directly (files are probed once at start-up, in threads):
      --config.data.streams.video.source=folder --config.data.streams.video.path=/data/videos
@@ -15,8 +15,8 @@ Using your own data (config = `configs/data_config.py`, under `config.data` in t
    Folders are searched recursively. Videos: mp4, m4v, mov, webm, mkv, avi, mpg, mpeg, ogv, wmv,
    flv, 3gp, ts (anything PyAV decodes). Images: jpg, jpeg, png, webp, bmp, tif, tiff, 8-bit RGB.
 2. Prepare once, then train from TFDS (recommended for large sets and pods; no probing at start):
-     python -m cvvae_jax.data.prepare --kind=video --folder=/data/videos --data_dir=/data/tfds/videos
-     python -m cvvae_jax.data.prepare --kind=image --folder=/data/images --data_dir=/data/tfds/images
+     python -m cvvae_jax.data.prepare --kind=video --data=/data/videos --data_dir=/data/tfds/videos
+     python -m cvvae_jax.data.prepare --kind=image --data=/data/images --data_dir=/data/tfds/images
    (or `tfds build cvvae_video_folder --imports=cvvae_jax.data.builders --manual_dir=/data/videos
    --data_dir=/data/tfds/videos --file_format=array_record`, which also needs apache-beam), then
      --config.data.streams.video.source=tfds --config.data.streams.video.tfds_name=cvvae_video_folder
@@ -36,8 +36,8 @@ a missing folder, an empty dataset or an unset path is an error at start-up.
 from cvvae_jax.data.builders import prepare_folder
 from cvvae_jax.data.embedded import prepare_embedded_dataset
 from cvvae_jax.data.media import BadInput
-from cvvae_jax.data.pipeline import (EvalData, MixingSchedule, TrainIterator, create_eval_iterator,
-                                     create_train_iterator)
+from cvvae_jax.data.mixing import MixingSchedule
+from cvvae_jax.data.pipeline import EvalData, TrainIterator, create_eval_iterator, create_train_iterator
 from cvvae_jax.data.sampling import ClipSpec
 from cvvae_jax.data.stats import DataStats
 

@@ -13,7 +13,7 @@ validation or test, each becomes that split.
 
 Prepare once (array_record gives random access; TFRecord also works):
 
-  python -m cvvae_jax.data.prepare --kind=video --folder=/data/webvid --data_dir=/data/tfds/webvid
+  python -m cvvae_jax.data.prepare --kind=video --data=/data/webvid --data_dir=/data/tfds/webvid
   # or with the TFDS CLI (tensorflow-datasets 4.9.10's CLI also needs apache-beam installed):
   tfds build cvvae_video_folder --imports=cvvae_jax.data.builders --manual_dir=/data/webvid \
       --data_dir=/data/tfds/webvid --file_format=array_record
@@ -32,7 +32,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from cvvae_jax.data import sources
+from cvvae_jax.data import folders
 from cvvae_jax.data.sampling import Kind
 
 SPLIT_NAMES = ("train", "validation", "test")
@@ -87,7 +87,7 @@ class _FolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, folder: str):
     count = 0
-    for record in sources.scan_folder(folder, self.KIND, workers=_PROBE_WORKERS, on_skip=self._on_skip):
+    for record in folders.scan_folder(folder, self.KIND, workers=_PROBE_WORKERS, on_skip=self._on_skip):
       count += 1
       yield record["key"], {k: record[k] for k in self.info.features}
     if count == 0:
@@ -132,7 +132,7 @@ def prepare_folder(kind: str, folder: str, data_dir: str, *,
   if kind not in BUILDERS:
     raise ValueError(f"expected kind 'video' or 'image', got {kind!r}")
   folder = os.path.abspath(os.path.expanduser(folder))
-  sources.list_files(folder)  # a clear error for a missing folder
+  folders.list_files(folder)  # a clear error for a missing folder
   builder = BUILDERS[kind](data_dir=os.path.expanduser(data_dir), file_format=file_format)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=folder))

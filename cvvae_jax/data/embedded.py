@@ -60,8 +60,8 @@ def _write_videos(out_dir: str) -> None:
       fps = int(round(float(stream.average_rate or 25)))
     for k in range(len(frames) // SEGMENT_FRAMES):
       segment = frames[k * SEGMENT_FRAMES:(k + 1) * SEGMENT_FRAMES]
-      media.encode_video(segment, os.path.join(out_dir, f"{name}_{k}.mp4"), fps=fps, codec=codec,
-                         options={"crf": "18"} if codec == "libx264" else {"qscale": "3"})
+      media.write_video(os.path.join(out_dir, f"{name}_{k}.mp4"), segment, fps=fps, codec=codec,
+                        options={"crf": "18"} if codec == "libx264" else {"qscale": "3"})
 
 
 def _write_images(out_dir: str) -> None:

@@ -1,14 +1,23 @@
-"""Probing and decoding of video files (PyAV) and image files (Pillow), from bytes in memory.
+"""Media files: probing and decoding videos (PyAV) and images (Pillow), reading and writing video files.
 
-Every failure a user's file can cause is raised as `BadInput(reason)`, so that callers can skip the
-file, count it and report it once; nothing else in the pipeline needs to know about PyAV or Pillow
-errors. Frames come out as uint8 RGB, channels-last: video `[T, H, W, 3]`, image `[H, W, 3]`.
+The input pipeline works on encoded bytes in memory (`probe_video`, `decode_video_frames`, `open_rgb_image`, ...):
+every failure a user's file can cause is raised as `BadInput(reason)`, so that callers can skip the file, count it
+and report it once; nothing else in the pipeline needs to know about PyAV or Pillow errors. Frames come out as
+uint8 RGB, channels-last: video `[T, H, W, 3]`, image `[H, W, 3]`.
+
+Command lines read and write video files by path (`read_video`, `video_info`, `write_video`): frames as float32
+`[T, H, W, 3]` in [-1, 1]; an unreadable file raises `VideoReadError` (a `BadInput` and a `ValueError`) naming the
+path and the reason.
+
+    frames = media.read_video("in.mp4", num_frames=17, stride=2, size=(256, 256))
+    media.write_video("out.mp4", frames, fps=media.video_info("in.mp4").fps)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import os
 from collections.abc import Sequence
 
 import av
@@ -33,9 +42,14 @@ class BadInput(Exception):
     return str(self)
 
 
+class VideoReadError(BadInput, ValueError):
+  """A video file that cannot be read by path (missing, not a video, no decodable frames, too short)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class VideoInfo:
-  """What probing a video found: decodable frames, frame size and nominal rate."""
+  """A video's frame count (decoded by `probe_video`; as the container declares it, 0 if it does not, by
+  `video_info`), frame size and nominal rate."""
   num_frames: int
   height: int
   width: int
@@ -47,6 +61,31 @@ class ImageInfo:
   height: int
   width: int
 
+
+def resized_shape(height: int, width: int, size: tuple[int, int], short_side: int = 0) -> tuple[int, int]:
+  """The frame shape after scaling `height` x `width` so that its short side is `short_side` and it still covers
+  the crop `size` (H, W) (with `short_side` 0: the smallest such shape), keeping the aspect ratio."""
+  scale = max(short_side / min(height, width), size[0] / height, size[1] / width)
+  return max(size[0], round(height * scale)), max(size[1], round(width * scale))
+
+
+def center_crop(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """`[..., H, W, C]` -> `[..., h, w, C]`, the central window."""
+  h, w = frames.shape[-3:-1]
+  if size[0] > h or size[1] > w:
+    raise ValueError(f"crop {size} is larger than the frame {(h, w)}")
+  top, left = (h - size[0]) // 2, (w - size[1]) // 2
+  return frames[..., top:top + size[0], left:left + size[1], :]
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+  """[-1, 1] floats -> uint8 [0, 255] (clipped, rounded)."""
+  return np.clip(np.round((np.asarray(frames, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Videos in memory (the input pipeline).
+# ----------------------------------------------------------------------------------------------------
 
 def _open_video(data: bytes):
   if not data:
@@ -138,6 +177,99 @@ def decode_video_frames(data: bytes, indices: Sequence[int], height: int, width:
   return out
 
 
+# ----------------------------------------------------------------------------------------------------
+# Video files by path (command lines).
+# ----------------------------------------------------------------------------------------------------
+
+def _open_file(path: str):
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise VideoReadError(f"no such video file: {path}")
+  if os.path.isdir(path):
+    raise VideoReadError(f"expected a video file, got a directory: {path}")
+  try:
+    container = av.open(path, mode="r")
+  except av.EOFError:
+    raise VideoReadError(f"{path} is an empty video: it ends before its first frame") from None
+  except (av.FFmpegError, OSError) as e:
+    raise VideoReadError(f"cannot read {path} as a video: {e}") from None
+  if not container.streams.video:
+    container.close()
+    raise VideoReadError(f"{path} has no video stream (no frame)")
+  return container
+
+
+def video_info(path: str) -> VideoInfo:
+  """Frame count (declared), size and frame rate of a video file, without decoding it."""
+  with _open_file(path) as container:
+    stream = container.streams.video[0]
+    fps = float(stream.average_rate) if stream.average_rate else 0.0
+    return VideoInfo(num_frames=int(stream.frames or 0), height=stream.codec_context.height,
+                     width=stream.codec_context.width, fps=fps)
+
+
+def _pair(size) -> tuple[int, int] | None:
+  if size is None:
+    return None
+  if isinstance(size, (int, np.integer)):
+    return int(size), int(size)
+  h, w = size
+  return int(h), int(w)
+
+
+def read_video(path: str, *, num_frames: int | None = None, stride: int = 1, start: int = 0,
+               size: int | Sequence[int] | None = None, crop: int | Sequence[int] | None = None) -> np.ndarray:
+  """Decodes frames `start, start + stride, ...` (at most `num_frames`) of a video file.
+
+  Args:
+    path: a video file PyAV can read (mp4, webm, mov, ...).
+    num_frames: how many frames to return at most (None: all).
+    stride: keep every `stride`-th frame.
+    start: first frame to keep.
+    size: `(H, W)` (or an int for a square): resize (bicubic) to cover it keeping the aspect ratio, then
+      center-crop to exactly `(H, W)`.
+    crop: center-crop to `(H, W)` without resizing (applied after `size` if both are given).
+  Returns:
+    float32 `[T, H, W, 3]` RGB in [-1, 1], T >= 1.
+  Raises:
+    VideoReadError: missing or unreadable file, no video stream, or no decodable frame in the requested range.
+  """
+  if stride < 1 or start < 0 or (num_frames is not None and num_frames < 1):
+    raise ValueError(f"expected stride >= 1, start >= 0, num_frames >= 1 or None; got stride={stride}, "
+                     f"start={start}, num_frames={num_frames}")
+  size, crop = _pair(size), _pair(crop)
+  frames = []
+  with _open_file(path) as container:
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    try:
+      for index, frame in enumerate(container.decode(stream)):
+        if index < start or (index - start) % stride:
+          continue
+        if size is not None:
+          h, w = resized_shape(frame.height, frame.width, size)
+          rgb = frame.to_ndarray(format="rgb24", width=w, height=h, interpolation=_SWS_INTERPOLATION)
+          rgb = center_crop(rgb, size)
+        else:
+          rgb = frame.to_ndarray(format="rgb24")
+        frames.append(rgb)
+        if num_frames is not None and len(frames) == num_frames:
+          break
+    except av.FFmpegError as e:
+      if not frames:
+        raise VideoReadError(f"cannot decode {path}: {e}") from None
+  if not frames:
+    raise VideoReadError(f"{path}: no decodable frame from frame {start} on (stride {stride})")
+  video = np.stack(frames)
+  if crop is not None:
+    video = center_crop(video, crop)
+  return video.astype(np.float32) / 127.5 - 1.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Images in memory.
+# ----------------------------------------------------------------------------------------------------
+
 def open_rgb_image(data: bytes) -> Image.Image:
   """Opens an image lazily (header only) and checks that it is 8-bit RGB.
 
@@ -187,31 +319,43 @@ def probe_image(data: bytes) -> ImageInfo:
   return ImageInfo(height=size[1], width=size[0])
 
 
-def encode_video(frames: np.ndarray, path: str, *, fps: int = 25, codec: str = "libx264",
-                 options: dict[str, str] | None = None, faststart: bool = False) -> None:
-  """Writes uint8 frames `[T, H, W, 3]` (H, W even) to a video file (container from the extension).
+# ----------------------------------------------------------------------------------------------------
+# Writing.
+# ----------------------------------------------------------------------------------------------------
+
+def write_video(path: str, frames: np.ndarray, *, fps: float = 24.0, codec: str = "libx264",
+                options: dict[str, str] | None = None, faststart: bool = False) -> str:
+  """Writes frames `[T, H, W, 3]` (float in [-1, 1], or uint8) to a video file; H and W must be even (yuv420p).
 
   Args:
+    path: output file, e.g. "clip.mp4" (the container comes from the extension); its folder is created.
     frames: RGB frames.
-    path: output file, e.g. "clip.mp4".
-    fps: frame rate.
+    fps: frame rate (rounded to an integer).
     codec: PyAV encoder name ("libx264", "mpeg4", "libvpx", ...).
-    options: encoder options, e.g. {"crf": "18"}.
+    options: encoder options (default for libx264: {"crf": "18"}).
     faststart: put the mp4 index in front (as web videos do), so that a cut file still opens.
+  Returns:
+    The path.
   """
   frames = np.asarray(frames)
-  if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-    raise ValueError(f"expected uint8 frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
+  if frames.ndim != 4 or frames.shape[-1] != 3:
+    raise ValueError(f"expected frames [T, H, W, 3], got shape {frames.shape}")
   if frames.shape[1] % 2 or frames.shape[2] % 2:
-    raise ValueError(f"expected even H and W for yuv420p, got {frames.shape[1:3]}")
+    raise ValueError(f"expected even H and W (yuv420p), got H={frames.shape[1]}, W={frames.shape[2]}")
+  if frames.dtype != np.uint8:
+    frames = to_uint8(frames)
+  if options is None:
+    options = {"crf": "18"} if codec == "libx264" else {}
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   container_options = {"movflags": "+faststart"} if faststart else {}
   with av.open(path, mode="w", options=container_options) as container:
-    stream = container.add_stream(codec, rate=fps)
+    stream = container.add_stream(codec, rate=max(1, round(fps)) if fps else 24)
     stream.height, stream.width = frames.shape[1:3]
     stream.pix_fmt = "yuv420p"
-    stream.options = dict(options or {})
+    stream.options = dict(options)
     for frame in frames:
       for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
         container.mux(packet)
     for packet in stream.encode():
       container.mux(packet)
+  return path

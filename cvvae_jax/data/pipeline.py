@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import enum
 import gc
 import math
 import threading
 import weakref
 import zlib
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -40,16 +38,11 @@ import tensorflow as tf
 from absl import logging
 
 from cvvae_jax.data import media, sources
+from cvvae_jax.data.mixing import Mixing, MixingSchedule
 from cvvae_jax.data.sampling import ClipSpec, sample_example
 from cvvae_jax.data.stats import DataStats
 
-_TAG_PERMUTATION, _TAG_EXAMPLE, _TAG_MIXING, _TAG_EVAL = 0, 1, 2, 3
-_MIXING_BLOCK = 4096
-
-
-class Mixing(enum.Enum):
-  ALTERNATE = "alternate"  # deterministic interleaving in proportion to the weights (v, i, v, i, ...)
-  WEIGHTED = "weighted"    # each step's stream drawn at random with the weights
+_TAG_PERMUTATION, _TAG_EXAMPLE, _TAG_EVAL = 0, 1, 3  # seed tags of the random streams (2: mixing.py)
 
 
 def _name_id(name: str) -> int:
@@ -116,57 +109,6 @@ def parse_streams(config) -> list[StreamSpec]:
     specs.append(StreamSpec(name=name, clip=clip, weight=float(cfg.weight), batch_size=int(cfg.batch_size),
                             source=_source_kwargs(cfg, config.embedded_dir)))
   return specs
-
-
-# ----------------------------------------------------------------------------------------------------
-# Mixing.
-# ----------------------------------------------------------------------------------------------------
-
-class MixingSchedule:
-  """Which stream serves each step; a pure function of (seed, weights, mode, step)."""
-
-  def __init__(self, weights: list[float], mode: Mixing, seed: int):
-    self.weights = np.asarray(weights, np.float64)
-    self.mode = mode
-    self.seed = int(seed)
-    self._cumulative = np.cumsum(self.weights / self.weights.sum())
-
-  def _block(self, block: int) -> np.ndarray:
-    draws = np.random.default_rng([self.seed, _TAG_MIXING, block]).random(_MIXING_BLOCK)
-    return np.minimum(np.searchsorted(self._cumulative, draws, side="right"), len(self.weights) - 1)
-
-  def iterate(self, start_step: int = 0) -> Iterator[int]:
-    """Stream ids for steps start_step, start_step + 1, ..."""
-    if self.mode is Mixing.WEIGHTED:
-      block, offset = divmod(start_step, _MIXING_BLOCK)
-      while True:
-        yield from (int(j) for j in self._block(block)[offset:])
-        block, offset = block + 1, 0
-    # Smooth weighted round robin: deterministic, proportional, maximally interleaved.
-    credit = np.zeros_like(self.weights)
-    total = self.weights.sum()
-    step = 0
-    while True:
-      credit += self.weights
-      j = int(np.argmax(credit))
-      credit[j] -= total
-      if step >= start_step:
-        yield j
-      step += 1
-
-  def counts_before(self, step: int) -> np.ndarray:
-    """How many batches each stream served in steps [0, step)."""
-    counts = np.zeros(len(self.weights), np.int64)
-    if self.mode is Mixing.WEIGHTED:
-      full, rest = divmod(step, _MIXING_BLOCK)
-      for block in range(full):
-        counts += np.bincount(self._block(block), minlength=len(counts))
-      counts += np.bincount(self._block(full)[:rest], minlength=len(counts))
-      return counts
-    it = self.iterate(0)
-    for _ in range(step):
-      counts[next(it)] += 1
-    return counts
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -339,7 +281,7 @@ def create_train_iterator(config, *, seed: int, process_index: int | None = None
   """The training input: a deterministic, resumable, per-host mix of video and image batches.
 
   Args:
-    config: the data config (`configs/data_config.py`).
+    config: the data config (`data/config.py`).
     seed: data seed; the same on every host (hosts differ by `process_index`).
     process_index, process_count: this host and the number of hosts (default: from jax).
     start_step: first step to yield; the batches equal those a fresh iterator yields from it on.

@@ -122,12 +122,6 @@ def clip_indices(rng: np.random.Generator, num_frames: int, frames: int, stride:
   return first + stride * np.arange(frames)
 
 
-def resized_shape(height: int, width: int, short_side: int, size: tuple[int, int]) -> tuple[int, int]:
-  """Shape after scaling so that the short side is `short_side` and the crop `size` still fits."""
-  scale = max(short_side / min(height, width), size[0] / height, size[1] / width)
-  return max(size[0], round(height * scale)), max(size[1], round(width * scale))
-
-
 def crop_offsets(rng: np.random.Generator, shape: tuple[int, int], size: tuple[int, int],
                  crop: Crop) -> tuple[int, int]:
   """Top-left corner of a `size` crop inside `shape` (random uniform, or centred)."""
@@ -161,13 +155,13 @@ def sample_example(record: dict[str, Any], spec: ClipSpec, rng: np.random.Genera
       stats.count("stride_fallback")
     indices = clip_indices(rng, num_frames, spec.frames, stride, spec.start)
     short = int(rng.integers(spec.short_side[0], spec.short_side[1] + 1))
-    shape = resized_shape(int(record["height"]), int(record["width"]), short, spec.size)
+    shape = media.resized_shape(int(record["height"]), int(record["width"]), spec.size, short)
     y, x = crop_offsets(rng, shape, spec.size, spec.crop)
     frames = media.decode_video_frames(record["data"], indices, shape[0], shape[1],
                                        threads=decode_threads)
     return frames[:, y:y + h, x:x + w]
   image = media.open_rgb_image(record["data"])
   short = int(rng.integers(spec.short_side[0], spec.short_side[1] + 1))
-  shape = resized_shape(image.size[1], image.size[0], short, spec.size)
+  shape = media.resized_shape(image.size[1], image.size[0], spec.size, short)
   y, x = crop_offsets(rng, shape, spec.size, spec.crop)
   return media.load_image(image, shape[0], shape[1])[None, y:y + h, x:x + w]

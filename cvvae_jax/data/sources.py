@@ -13,16 +13,20 @@ function of (seed, position) and the iterator resumable from a step.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import os
 import struct
-from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-from cvvae_jax.data import media
+import tensorflow_datasets as tfds
+from etils import epath
+
+from cvvae_jax.data import builders, embedded, media
+from cvvae_jax.data.folders import scan_folder
 from cvvae_jax.data.sampling import Kind
 from cvvae_jax.data.stats import DataStats
+
+SPLIT_PREFERENCE = ("validation", "test", "train")  # the split evaluation reads when none is named
 
 
 class Source(Protocol):
@@ -34,82 +38,6 @@ class Source(Protocol):
   def __getitem__(self, index: int) -> dict[str, Any]: ...
   def locate(self, key: str) -> str: ...       # a record's key -> what to show the user
   def describe(self, index: int) -> str: ...   # the same, before the record could be read
-
-
-# ----------------------------------------------------------------------------------------------------
-# Folders.
-# ----------------------------------------------------------------------------------------------------
-
-def list_files(root: str) -> list[str]:
-  """All files under `root`, recursively, as sorted relative POSIX paths (hidden dirs skipped)."""
-  if not os.path.isdir(root):
-    raise FileNotFoundError(f"expected a folder of media files, got {root!r}, which "
-                            f"{'is not a folder' if os.path.exists(root) else 'does not exist'}")
-  out = []
-  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-    dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-    for name in filenames:
-      out.append(os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/"))
-  return sorted(out)
-
-
-def probe(kind: Kind, data: bytes) -> dict[str, Any]:
-  """Metadata stored with a record; raises media.BadInput for files that must be skipped."""
-  if kind is Kind.VIDEO:
-    info = media.probe_video(data)
-    return {"num_frames": info.num_frames, "height": info.height, "width": info.width,
-            "fps": info.fps}
-  info = media.probe_image(data)
-  return {"height": info.height, "width": info.width}
-
-
-def scan_folder(root: str, kind: Kind, *, workers: int = 4,
-                on_skip: Callable[[str, str], None]) -> Iterator[dict[str, Any]]:
-  """Yields a record (with the file's bytes) for each usable file under `root`, in sorted order.
-
-  Files with an extension that is not a `kind` extension, and files whose probe fails, are passed
-  to `on_skip(path, reason)` and left out. Probing runs in `workers` threads (PyAV and Pillow
-  release the GIL while decoding).
-  """
-  extensions = media.EXTENSIONS[kind.value]
-  candidates = []
-  for rel in list_files(root):
-    ext = os.path.splitext(rel)[1].lower()
-    if ext in extensions:
-      candidates.append(rel)
-    else:
-      on_skip(os.path.join(root, rel),
-              f"unsupported extension {ext or '(none)'!r} for a {kind.value} folder "
-              f"(expected one of {', '.join(extensions)})")
-
-  def load(rel: str):
-    path = os.path.join(root, rel)
-    try:
-      with open(path, "rb") as f:
-        data = f.read()
-      return rel, data, probe(kind, data), None
-    except media.BadInput as e:
-      return rel, None, None, e.reason
-    except Exception as e:  # pylint: disable=broad-except  (a bad file must never stop a run)
-      return rel, None, None, f"unreadable ({type(e).__name__}: {e})"
-
-  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-    # Bounded look-ahead keeps memory flat on large folders while keeping the order.
-    pending: list[concurrent.futures.Future] = []
-    it = iter(candidates)
-    for rel in it:
-      pending.append(pool.submit(load, rel))
-      if len(pending) >= 4 * max(1, workers):
-        break
-    while pending:
-      rel, data, meta, reason = pending.pop(0).result()
-      nxt = next(it, None)
-      if nxt is not None:
-        pending.append(pool.submit(load, nxt))
-      if reason is not None:
-        on_skip(os.path.join(root, rel), reason)
-      else:
-        yield {"key": rel, "data": data, **meta}
 
 
 class FolderSource:
@@ -158,7 +86,6 @@ def index_tfrecord_file(path: str, skip: int = 0, take: int = -1) -> list[_Recor
 
   TFRecord framing: uint64 length, uint32 masked CRC of the length, data, uint32 masked CRC.
   """
-  from etils import epath  # pylint: disable=g-import-not-at-top
   out = []
   with epath.Path(path).open("rb") as f:
     position = 0
@@ -173,6 +100,33 @@ def index_tfrecord_file(path: str, skip: int = 0, take: int = -1) -> list[_Recor
   return out[skip:]
 
 
+def prepared_builder(name: str, data_dir: str | None, kind: str = "video|image") -> tfds.core.DatasetBuilder:
+  """The TFDS dataset `name` in `data_dir`, checked to be prepared (ours, `cvvae_video_folder` and
+  `cvvae_image_folder`, are registered by `builders`). FileNotFoundError says what is missing and how to prepare."""
+  data_dir = os.path.expanduser(data_dir) if data_dir else None
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # tfds raises several types for unknown names
+    raise FileNotFoundError(f"TFDS dataset {name!r} not found (data_dir={data_dir!r}): {e}") from e
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f"TFDS dataset {name!r} is not prepared in {builder.data_dir!r}. Prepare it once with "
+        f"`python -m cvvae_jax.data.prepare --kind={kind} --data=<your folder> --data_dir=<data_dir>` "
+        "(or `tfds build`).")
+  return builder
+
+
+def default_split(builder: tfds.core.DatasetBuilder) -> str:
+  """validation, else test, else train, else the dataset's first split."""
+  splits = list(builder.info.splits)
+  return next((s for s in SPLIT_PREFERENCE if s in splits), splits[0])
+
+
+def encoded_feature(features) -> str:
+  """The feature holding encoded files: "data" (our builders), else "image" (TFDS image datasets), else ""."""
+  return "data" if "data" in features else "image" if "image" in features else ""
+
+
 class TfdsSource:
   """A prepared TFDS dataset split with random access (array_record or TFRecord files).
 
@@ -183,18 +137,7 @@ class TfdsSource:
 
   def __init__(self, name: str, *, split: str, data_dir: str | None, kind: Kind, data_key: str = "data",
                stats: DataStats):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    from cvvae_jax.data import builders  # pylint: disable=g-import-not-at-top,unused-import  (registers)
-    data_dir = os.path.expanduser(data_dir) if data_dir else None
-    try:
-      builder = tfds.builder(name, data_dir=data_dir)
-    except Exception as e:  # tfds raises several types for unknown names
-      raise FileNotFoundError(f"TFDS dataset {name!r} not found (data_dir={data_dir!r}): {e}") from e
-    if not builder.is_prepared():
-      raise FileNotFoundError(
-          f"TFDS dataset {name!r} is not prepared in {builder.data_dir!r}. Prepare it once with "
-          f"`python -m cvvae_jax.data.prepare --kind={kind.value} --folder=<your folder> "
-          f"--data_dir=<data_dir>` (or `tfds build`).")
+    builder = prepared_builder(name, data_dir, kind.value)
     if split not in builder.info.splits and split.split("[")[0] not in builder.info.splits:
       raise ValueError(f"TFDS dataset {name!r}: expected a split in {list(builder.info.splits)}, "
                        f"got {split!r}")
@@ -234,7 +177,6 @@ class TfdsSource:
       example = self._ds[index]
     else:
       loc = self._locations[index]
-      from etils import epath  # pylint: disable=g-import-not-at-top
       with epath.Path(loc.path).open("rb") as f:
         f.seek(loc.offset)
         raw = f.read(loc.length)
@@ -272,11 +214,10 @@ def open_source(*, kind: str | Kind, source: str, path: str = "", tfds_name: str
   if source == "tfds":
     if not tfds_name:
       raise ValueError(f"{where}.tfds_name is unset: expected the name of a prepared TFDS dataset, "
-                       f"e.g. cvvae_{kind.value}_folder (see cvvae_jax.data.builders)")
+                       f"e.g. {builders.BUILDERS[kind.value].name} (see cvvae_jax.data.builders)")
     return TfdsSource(tfds_name, split=split, data_dir=data_dir or None, kind=kind, data_key=data_key,
                       stats=stats)
   if source == "embedded":
-    from cvvae_jax.data import embedded  # pylint: disable=g-import-not-at-top
     if not embedded_dir:
       raise ValueError(f"expected config.embedded_dir to be set for {where}.source='embedded'")
     tfds_dir = embedded.prepare_embedded_dataset(embedded_dir)

@@ -1,0 +1,77 @@
+r"""Evaluate a VAE (and a baseline) on your data: PSNR / SSIM / LPIPS (the paper's Table 1) and latent compatibility.
+
+    cvvae-eval --model PATH [--baseline PATH] [--image_vae PATH|none] --data FOLDER|TFDS_NAME|embedded \
+        --out DIR [--frames 33] [--stride 3] [--resolution 256] [--max_clips N] [--batch_size 1]
+                                                                          (or: python evaluate.py ...)
+
+Writes metrics.json, metrics.md, per_frame.png, per_clip_hist.png and samples/ into --out and prints metrics.md;
+see `cvvae_jax/eval/__init__.py` for what every number means.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from absl import logging
+
+from cvvae_jax import cli
+from cvvae_jax.eval import run
+from cvvae_jax.eval.config import COMPAT_PSI, EvalConfig
+from cvvae_jax.inference import plan
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvalConfig)}
+
+
+def parser():
+  d = _DEFAULTS
+  p = cli.parser("cvvae-eval", __doc__)
+  cli.add_model_argument(p)
+  cli.add_model_argument(p, "--baseline", required=False, help="a baseline model, the same kinds as --model (e.g. "
+                         "the SD image VAE)")
+  cli.add_model_argument(p, "--image_vae", required=False, help="the frozen image VAE of the compatibility metrics; "
+                         "default: the baseline (or model) if it is an image VAE, else the image_vae.path recorded in a "
+                         "training workdir; 'none': off")
+  p.add_argument("--data", required=True, help="a folder of videos or images, a prepared TFDS name (e.g. coco/2017), "
+                 "or 'embedded' / 'embedded:video' / 'embedded:image'")
+  p.add_argument("--out", required=True, help="the output folder")
+  cli.add_clip_arguments(p, frames=d["frames"], stride=d["stride"], resolution=str(d["resolution"][0]))
+  p.add_argument("--max_clips", type=int, default=d["max_clips"], help="stop after this many usable clips (0: all)")
+  p.add_argument("--batch_size", type=int, default=d["batch_size"], help="clips per step")
+  p.add_argument("--data_kind", default=d["data_kind"], choices=("auto", "video", "image"),
+                 help="the kind of --data (auto: from the files)")
+  p.add_argument("--split", default=d["split"], help="TFDS split (default: validation, else test, else train)")
+  p.add_argument("--data_dir", default=d["data_dir"], help="TFDS data_dir")
+  p.add_argument("--data_key", default=d["data_key"], help="TFDS feature with the encoded files (default: data, else "
+                 "image)")
+  plan.add_tiling_arguments(p)
+  cli.add_dtype_argument(p)
+  p.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=d["lpips"], help="compute LPIPS (VGG16)")
+  p.add_argument("--compat_psi", type=lambda s: tuple(filter(None, s.split(","))), default=d["compat_psi"],
+                 help=f"psi targets of the compatibility metrics, comma-separated (some of {', '.join(COMPAT_PSI)}; "
+                 f"default {','.join(d['compat_psi'])})")
+  p.add_argument("--num_samples", type=int, default=d["num_samples"], help="clips written as sample strips (PNG, mp4)")
+  p.add_argument("--sample_frames", type=int, default=d["sample_frames"], help="frame columns in the PNG strips")
+  p.add_argument("--fps", type=float, default=d["fps"], help="frame rate of the sample mp4s")
+  p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d["progress"], help="progress bar with ETA on stderr")
+  return p
+
+
+def main(argv=None) -> int:
+  args = parser().parse_args(argv)
+  cli.show_info_logs()
+  fields = {f.name for f in dataclasses.fields(EvalConfig)}
+
+  def evaluate() -> None:
+    cfg = EvalConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    report = run.evaluate(cfg)
+    with open(os.path.join(args.out, "metrics.md")) as f:
+      print(f.read())
+    logging.info("evaluate: %d clips in %.1f s", report["data"]["num_clips"], report["timing"]["total_s"])
+
+  return cli.run(evaluate)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

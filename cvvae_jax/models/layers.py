@@ -1,0 +1,319 @@
+"""Building blocks shared by the CV-VAE and the SD image VAE: Conv, GroupNorm, attention, res blocks, resamplers.
+
+Everything is channels-last. A "video" activation is `[B, T, H, W, C]`, an "image" activation `[B, H, W, C]`.
+The same blocks serve both: a `ConvStyle` says whether the main convolutions are 3D (video) or 2D (image) and
+how each kind of convolution pads, which is where the released variants differ (see `ConvStyle`).
+
+Parameters are created in `param_dtype` (float32); convolutions and attention run in `dtype` (float32 or
+bfloat16); normalisation statistics are always computed in float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from cvvae_jax.models.conv_ops import Pad, conv_apply, upsample_conv_apply
+
+Dtype = Any
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvStyle:
+  """Padding and dimensionality of one encoder or decoder (static, hashable).
+
+  Attributes:
+    video: 3D (time, height, width) main convolutions on `[B, T, H, W, C]`; False: 2D convolutions on
+      `[B, H, W, C]` (the image VAE).
+    causal: pad time only in front (2 frames for kernel 3), none behind. Otherwise symmetric.
+    time_pad: padding mode of the main 3x3x3 convolutions in time.
+    space_pad: padding mode of the main convolutions in height and width.
+    down_space_pad: spatial padding of the stride-2 downsample conv: "asymmetric" pads zeros right/bottom by one
+      (the SD layout), "symmetric" pads one on each side with `space_pad`.
+    up_time_pad: time padding mode of the upsample convolutions (symmetric, one frame each side).
+    shortcut_3d: the 1x1 shortcut convolution of a res block is 1x1x1 (3D) rather than a per-frame 1x1 (2D).
+  """
+
+  video: bool
+  causal: bool = False
+  time_pad: Pad = Pad.ZEROS
+  space_pad: Pad = Pad.ZEROS
+  down_space_pad: str = "asymmetric"
+  up_time_pad: Pad = Pad.ZEROS
+  shortcut_3d: bool = False
+
+  def __post_init__(self):
+    if self.down_space_pad not in ("asymmetric", "symmetric"):
+      raise ValueError(f"down_space_pad must be 'asymmetric' or 'symmetric', got {self.down_space_pad!r}")
+
+  def main_padding(self, kernel: int = 3) -> tuple[tuple[int, int, Pad], ...]:
+    """Padding of a stride-1 'same' convolution with a `kernel`-wide window on every axis."""
+    p = kernel // 2
+    space = ((p, p, self.space_pad),) * 2
+    if not self.video:
+      return space
+    time = (2 * p, 0, self.time_pad) if self.causal else (p, p, self.time_pad)
+    return (time,) + space
+
+  def down_padding(self) -> tuple[tuple[int, int, Pad], ...]:
+    """Padding of the 3x3(x3) stride-2 downsample convolution."""
+    if self.down_space_pad == "asymmetric":
+      space = ((0, 1, Pad.ZEROS),) * 2
+    else:
+      space = ((1, 1, self.space_pad),) * 2
+    if not self.video:
+      return space
+    time = (2, 0, self.time_pad) if self.causal else (1, 1, self.time_pad)
+    return (time,) + space
+
+  def up_padding(self) -> tuple[tuple[int, int, Pad], ...]:
+    """Padding of the 3x3(x3) convolution after nearest upsampling."""
+    space = ((1, 1, self.space_pad),) * 2
+    if not self.video:
+      return space
+    return ((1, 1, self.up_time_pad),) + space
+
+
+class Conv(nn.Module):
+  """N-d convolution with explicit per-axis padding (zeros or replicate), channels-last.
+
+  Input `[B, *spatial, C_in]` -> output `[B, *spatial', features]`. The kernel is `[*kernel_size, C_in, features]`
+  (for a 3D conv `[kt, kh, kw, C_in, C_out]`). `padding` gives `(before, after, Pad)` per spatial axis.
+  """
+
+  features: int
+  kernel_size: tuple[int, ...]
+  strides: tuple[int, ...] | None = None
+  padding: tuple[tuple[int, int, Pad], ...] | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  precision: Any = None
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros_init()
+  upsample: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """With `upsample`, the convolution applies to `x` upsampled 2x (nearest) in its last two spatial axes (H, W),
+    computed without the upsampled copy (`upsample_conv_apply`): `[B, *s, H, W, C]` -> `[B, *s', 2H, 2W, O]`."""
+    rank = len(self.kernel_size)
+    if x.ndim != rank + 2:
+      raise ValueError(f"{self.name}: expected a rank-{rank + 2} input [B, *spatial, C], got shape {x.shape}")
+    kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, x.shape[-1], self.features),
+                        self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    if self.upsample:
+      if self.strides is not None and any(s != 1 for s in self.strides):
+        raise ValueError(f"{self.name}: upsample needs stride 1, got {self.strides}")
+      return upsample_conv_apply(x, kernel, bias, padding=self.padding, dtype=self.dtype, precision=self.precision)
+    return conv_apply(x, kernel, bias, strides=self.strides, padding=self.padding, dtype=self.dtype,
+                      precision=self.precision)
+
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm over (channels-in-group, *all other non-batch axes*), statistics in float32.
+
+  For a video `[B, T, H, W, C]` the statistics span T, H and W jointly (as the original 3D models do); for an
+  image `[B, H, W, C]` they span H and W. Output has the input's dtype.
+  """
+
+  num_groups: int = 32
+  epsilon: float = 1e-6
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c = x.shape[-1]
+    if c % self.num_groups:
+      raise ValueError(f"{self.name}: channels {c} not divisible by num_groups {self.num_groups}")
+    scale = self.param("scale", nn.initializers.ones_init(), (c,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros_init(), (c,), self.param_dtype)
+    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
+    axes = tuple(range(1, xf.ndim - 2)) + (xf.ndim - 1,)
+    mean = jnp.mean(xf, axis=axes, keepdims=True)
+    centred = xf - mean
+    var = jnp.mean(jnp.square(centred), axis=axes, keepdims=True)
+    y = (centred * lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+    return (y * scale + bias).astype(x.dtype)
+
+
+def per_frame(fn: Callable[[Array], Array], x: Array) -> Array:
+  """Applies an image function `[N, H, W, C] -> [N, H', W', C']` to each frame of a video `[B, T, H, W, C]`.
+
+  An image input `[B, H, W, C]` is passed through unchanged.
+  """
+  if x.ndim == 4:
+    return fn(x)
+  y = fn(einops.rearrange(x, "b t h w c -> (b t) h w c"))
+  return einops.rearrange(y, "(b t) h w c -> b t h w c", b=x.shape[0])
+
+
+def attention(q: Array, k: Array, v: Array) -> Array:
+  """Single-head softmax(q k^T / sqrt(C)) v over the sequence axis. q, k, v: `[N, L, C]` -> `[N, L, C]`.
+
+  Logits and softmax are computed in float32.
+  """
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("nqc,nkc->nqk", q, k, preferred_element_type=jnp.float32) * scale
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("nqk,nkc->nqc", weights, v)
+
+
+class SpatialAttention(nn.Module):
+  """Single-head self-attention over the pixels of each image `[N, H, W, C]` -> `[N, H, W, C]`.
+
+  GroupNorm (per image), q/k/v projections, attention, output projection; no residual (the caller adds it).
+  """
+
+  num_groups: int = 32
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    n, h, w, c = x.shape
+    dense = lambda name: nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    y = GroupNorm(self.num_groups, self.epsilon, self.param_dtype, name="norm")(x).reshape(n, h * w, c)
+    out = attention(dense("q")(y), dense("k")(y), dense("v")(y))
+    return dense("proj_out")(out).reshape(n, h, w, c)
+
+
+class TemporalAttention(nn.Module):
+  """Single-head self-attention over time at each pixel: `[B, T, H, W, C]` -> `[B, T, H, W, C]`.
+
+  LayerNorm over channels, q/k/v projections, non-causal attention across T, output projection; no residual.
+  """
+
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    b, _, h, w, c = x.shape
+    dense = lambda name: nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    y = einops.rearrange(x, "b t h w c -> (b h w) t c")
+    y = nn.LayerNorm(epsilon=self.epsilon, param_dtype=self.param_dtype, name="norm")(
+        y.astype(jnp.float32)).astype(self.dtype)
+    out = dense("proj_out")(attention(dense("q")(y), dense("k")(y), dense("v")(y)))
+    return einops.rearrange(out, "(b h w) t c -> b t h w c", b=b, h=h, w=w)
+
+
+class MidAttention(nn.Module):
+  """The mid-block attention: `x + temporal(spatial(x))` (temporal part optional).
+
+  Spatial attention runs on each frame independently (its GroupNorm statistics are per frame). Input and output
+  `[B, T, H, W, C]` or `[B, H, W, C]`.
+  """
+
+  temporal: bool = False
+  num_groups: int = 32
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    spatial = SpatialAttention(self.num_groups, self.epsilon, self.dtype, self.param_dtype, name="spatial")
+    h = per_frame(spatial, x)
+    if self.temporal:
+      h = TemporalAttention(self.epsilon, self.dtype, self.param_dtype, name="temporal")(h)
+    return x + h
+
+
+class ResBlock(nn.Module):
+  """Pre-norm residual block: norm1 -> SiLU -> conv1 -> norm2 -> SiLU -> conv2, plus a 1x1 shortcut.
+
+  For video (`style.video`), conv1 is 3D 3x3x3 with the style's padding; conv2 is a per-frame 2D 3x3 with zero
+  padding when `half_3d` (the paper's "2D+3D" block), else 3D like conv1. For images both are 2D.
+  `[B, (T,) H, W, C_in]` -> `[B, (T,) H, W, out_channels]`.
+  """
+
+  out_channels: int
+  style: ConvStyle
+  half_3d: bool = True
+  num_groups: int = 32
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    main_kernel = (3, 3, 3) if self.style.video else (3, 3)
+    norm = lambda name: GroupNorm(self.num_groups, self.epsilon, self.param_dtype, name=name)
+    h = nn.silu(norm("norm1")(x))
+    h = Conv(self.out_channels, main_kernel, padding=self.style.main_padding(), name="conv1", **kw)(h)
+    h = nn.silu(norm("norm2")(h))
+    if self.style.video and not self.half_3d:
+      h = Conv(self.out_channels, main_kernel, padding=self.style.main_padding(), name="conv2", **kw)(h)
+    else:
+      frame_pad = ((1, 1, Pad.ZEROS),) * 2
+      h = per_frame(Conv(self.out_channels, (3, 3), padding=frame_pad, name="conv2", **kw), h)
+    if x.shape[-1] != self.out_channels:
+      if self.style.video and self.style.shortcut_3d:
+        x = Conv(self.out_channels, (1, 1, 1), name="shortcut", **kw)(x)
+      else:
+        x = per_frame(Conv(self.out_channels, (1, 1), name="shortcut", **kw), x)
+    return x.astype(h.dtype) + h
+
+
+class Resampler(nn.Module):
+  """The fields of `Downsample` and `Upsample`: the style, whether time is resampled too, dtypes."""
+
+  style: ConvStyle
+  temporal: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  precision: Any = None
+
+
+
+class Downsample(Resampler):
+  """Stride-2 3x3(x3) convolution: halves H and W, and T ((T - 1) / 2 + 1) when `temporal`.
+
+  `[B, T, H, W, C]` -> `[B, T', H/2, W/2, C]` (video) or `[B, H, W, C]` -> `[B, H/2, W/2, C]` (image).
+  """
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    if self.style.video:
+      kernel, strides = (3, 3, 3), (2 if self.temporal else 1, 2, 2)
+    else:
+      kernel, strides = (3, 3), (2, 2)
+    return Conv(x.shape[-1], kernel, strides=strides, padding=self.style.down_padding(), dtype=self.dtype,
+                param_dtype=self.param_dtype, precision=self.precision, name="conv")(x)
+
+
+def depth_to_time(x: Array, factor: int) -> Array:
+  """`[B, T, H, W, factor * C]` -> `[B, factor * T, H, W, C]`: channel `n * C + c` becomes frame `factor * t + n`."""
+  return einops.rearrange(x, "b t h w (n c) -> b (t n) h w c", n=factor)
+
+
+class Upsample(Resampler):
+  """Nearest 2x upsampling in H and W, then a 3x3(x3) convolution.
+
+  With `temporal`, the convolution has 2C outputs which become two consecutive frames (depth-to-time), and the
+  first frame is dropped: T -> 2T - 1. `[B, T, H, W, C]` -> `[B, T', 2H, 2W, C]` (or images without T).
+  """
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c = x.shape[-1]
+    kernel = (3, 3, 3) if self.style.video else (3, 3)
+    factor = 2 if (self.temporal and self.style.video) else 1
+    # The upsampling is folded into the convolution (`upsample_conv_apply`, same result, 16/36 of the FLOPs).
+    y = Conv(c * factor, kernel, padding=self.style.up_padding(), dtype=self.dtype, param_dtype=self.param_dtype,
+             precision=self.precision, upsample=True, name="conv")(x)
+    if factor == 1:
+      return y
+    return depth_to_time(y, factor)[:, 1:]

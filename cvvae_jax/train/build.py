@@ -1,0 +1,130 @@
+"""A run's networks from its config: the trained VAE, the discriminator, the frozen image VAE and LPIPS, the
+optimizers, the VAE's initial params (`config.init_from`), and the start-up checks of the config."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+
+from cvvae_jax.models import lpips, registry
+from cvvae_jax.models.discriminator import PatchDiscriminator3D
+from cvvae_jax.models.sd_vae import ImageVAE
+from cvvae_jax.models.vae3d import CVVAE
+from cvvae_jax.train import losses, optim
+from cvvae_jax.weights import inflate, pretrained
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+  """The (static) network definitions of a run."""
+
+  vae: CVVAE | ImageVAE
+  disc: PatchDiscriminator3D
+  image_vae: ImageVAE | None      # the frozen regularizer (None when no regularization is configured)
+  weights: losses.LossWeights
+  tx: optax.GradientTransformation
+  disc_tx: optax.GradientTransformation
+  lr_schedule: optax.Schedule        # of the training step, for logging
+  disc_lr_schedule: optax.Schedule
+  alternate: bool
+  grad_accum_steps: int
+  ema_decay: float
+
+  @property
+  def is_video(self) -> bool:
+    return isinstance(self.vae, CVVAE)
+
+
+
+def build_vae(model_cfg: ml_collections.ConfigDict, dtype=jnp.float32, remat: bool = False) -> CVVAE | ImageVAE:
+  """`config.model` -> CVVAE or ImageVAE (`models.registry.build_model`) computing in `dtype`."""
+  return registry.build_model(model_cfg, dtype=dtype, remat=remat)
+
+
+def build_models(config: ml_collections.ConfigDict, image_vae: ImageVAE | None) -> Models:
+  dtype = registry.parse_dtype(config.train.compute_dtype, "config.train.compute_dtype")
+  vae = build_vae(config.model, dtype, config.train.remat)
+  weights = losses.LossWeights(**config.loss)
+  if isinstance(vae, CVVAE) and (weights.reg_decoder_weight or weights.reg_encoder_weight) and image_vae is None:
+    raise ValueError("config.loss.reg_decoder_weight/reg_encoder_weight need a frozen image VAE: set "
+                     "config.image_vae.path")
+  if image_vae is not None and isinstance(vae, CVVAE) and image_vae.latent_channels != vae.latent_channels:
+    raise ValueError(f"config.image_vae.path: the image VAE has {image_vae.latent_channels} latent channels, "
+                     f"the CV-VAE {vae.latent_channels}; its decoder cannot decode the video latents")
+  accum = int(config.train.grad_accum_steps)
+  if accum < 1:
+    raise ValueError(f"config.train.grad_accum_steps: expected >= 1, got {accum}")
+  return Models(
+      vae=vae, disc=PatchDiscriminator3D(**config.discriminator, dtype=dtype),
+      image_vae=image_vae.clone(dtype=dtype) if image_vae is not None and isinstance(vae, CVVAE) else None,
+      weights=weights, tx=optim.make_generator_optimizer(config.optim),
+      disc_tx=optim.make_discriminator_optimizer(config.optim),
+      lr_schedule=optim.generator_lr_schedule(config.optim),
+      disc_lr_schedule=optim.discriminator_lr_schedule(config.optim), alternate=bool(config.train.alternate_updates),
+      grad_accum_steps=accum, ema_decay=float(config.train.ema_decay))
+
+
+def load_frozen(config: ml_collections.ConfigDict, model_kind: str):
+  """(image VAE module or None, {"image_vae": params, "lpips": params}) from `config.image_vae`/`config.loss`."""
+  frozen, image_vae = {}, None
+  if config.loss.perceptual_weight:
+    frozen["lpips"] = lpips.load_lpips_params()
+  if model_kind == "cvvae" and config.image_vae.path:
+    image_vae, frozen["image_vae"] = pretrained.load_pretrained(config.image_vae.path)
+    if not isinstance(image_vae, ImageVAE):
+      raise ValueError(f"config.image_vae.path={config.image_vae.path!r} holds a {type(image_vae).__name__}, "
+                       "expected an SD image VAE (diffusers AutoencoderKL or our ImageVAE)")
+  return image_vae, frozen
+
+
+def initial_vae_params(config: ml_collections.ConfigDict, models: Models, frozen: dict):
+  """Host params for the VAE per `config.init_from` (None: random init)."""
+  kind, path = config.init_from.kind, config.init_from.path
+  if kind == "scratch":
+    return None
+  if kind == "inflate":
+    if not models.is_video:
+      raise ValueError("config.init_from.kind='inflate' makes a CV-VAE from an image VAE; the model is an image VAE")
+    source = path or config.image_vae.path
+    if not source:
+      raise ValueError("config.init_from.kind='inflate' needs config.init_from.path or config.image_vae.path")
+    image_vae, image_params = (models.image_vae, frozen["image_vae"]) if source == config.image_vae.path and \
+        "image_vae" in frozen else pretrained.load_pretrained(source)
+    logging.info("init: inflating the image VAE at %s into %s", source, type(models.vae).__name__)
+    return inflate.inflate_params(image_params, image_vae.clone(dtype=jnp.float32),
+                                  models.vae.clone(dtype=jnp.float32, remat=False))
+  if kind == "pretrained":
+    if not path:
+      raise ValueError("config.init_from.kind='pretrained' needs config.init_from.path")
+    model, params = pretrained.load_pretrained(path)
+    if registry.model_spec(model) != registry.model_spec(models.vae):
+      raise ValueError(f"config.init_from.path={path!r} holds {registry.model_spec(model)}, but config.model "
+                       f"describes {registry.model_spec(models.vae)}")
+    return params
+  raise ValueError(f"config.init_from.kind: expected 'inflate', 'pretrained' or 'scratch', got {kind!r}")
+
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Start-up checks that name the config field at fault."""
+  tc = 4
+  for name, stream in config.data.streams.items():
+    if stream.frames < 1 or (stream.frames - 1) % tc:
+      raise ValueError(f"config.data.streams.{name}.frames={stream.frames}: expected 1 + {tc}k frames "
+                       "(1, 5, 9, 17, ...)")
+    sc = 2 ** (len(config.model.block_out_channels) - 1)
+    if any(int(s) % sc for s in stream.size):
+      raise ValueError(f"config.data.streams.{name}.size={tuple(stream.size)}: expected multiples of {sc}")
+    if config.model.kind == "image_vae" and stream.frames != 1:
+      raise ValueError(f"config.data.streams.{name}.frames={stream.frames}: the image VAE trains on images "
+                       "(frames=1)")
+  if config.train.alternate_updates and config.optim.steps_per_update != 2:
+    raise ValueError("config.optim.steps_per_update must be 2 when config.train.alternate_updates is True "
+                     f"(each optimizer updates every other step), got {config.optim.steps_per_update}")
+  if not config.train.alternate_updates and config.optim.steps_per_update != 1:
+    raise ValueError("config.optim.steps_per_update must be 1 when config.train.alternate_updates is False, "
+                     f"got {config.optim.steps_per_update}")
+

@@ -1,0 +1,57 @@
+r"""Train CV-VAE (or the SD image VAE): `cvvae-train --config configs/cvvae.py[:sd21|sd3,full|demo] --workdir DIR`.
+
+(or `python train.py ...`). Any config field can be overridden: `--config.train.num_steps=1000
+--config.image_vae.path=/weights/sd21_vae`. The workdir's latest checkpoint is resumed automatically;
+`cvvae_jax.load_pretrained(DIR)` loads its params and `cvvae-convert DIR OUT --to torch` exports them in the original
+PyTorch layout. A config or data error ends the run with one line `error: ...` (CVVAE_DEBUG=1: the traceback).
+"""
+import logging as std_logging
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from cvvae_jax import cli
+from cvvae_jax.train import distributed, loop
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file (configs/cvvae.py or configs/image_vae.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and pictures.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries:
+  """Drops INFO records of libraries that log every checkpoint/save step (orbax), keeping warnings."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or "/orbax/" not in record.pathname
+
+
+def _main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  std_logging.getLogger("absl").addFilter(_QuietLibraries())
+  distributed.initialize()
+  if jax.process_index() > 0:
+    logging.set_verbosity(logging.WARNING)  # INFO logs from process 0 only; warnings and errors from all
+  logging.info("config:\n%s", FLAGS.config)
+
+  def train() -> None:
+    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+  status = cli.run(train, error_status=1)
+  if status:
+    sys.exit(status)
+
+
+def main() -> None:
+  """The `cvvae-train` entry point (also `python train.py`)."""
+  for name in ("config", "workdir"):  # shown by --help, which describes the flags of the script that runs
+    FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
+  app.run(_main)
+
+
+if __name__ == "__main__":
+  main()

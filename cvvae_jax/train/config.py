@@ -1,0 +1,56 @@
+"""The pieces every training config shares (`configs/*.py`): argument parsing and the trainer's own sections."""
+import ml_collections
+
+from cvvae_jax.train import optim
+
+
+def parse_arg(arg: str, choices: dict[str, tuple[str, ...]], defaults: dict[str, str]) -> dict[str, str]:
+  """'sd3,demo' -> {'variant': 'sd3', 'scale': 'demo'}; unknown words are an error naming the choices."""
+  out = dict(defaults)
+  for word in filter(None, (w.strip() for w in (arg or "").split(","))):
+    for field, values in choices.items():
+      if word in values:
+        out[field] = word
+        break
+    else:
+      allowed = ", ".join(f"{f}: {'|'.join(v)}" for f, v in choices.items())
+      raise ValueError(f"unknown config argument {word!r}; expected comma-separated words from ({allowed})")
+  return out
+
+
+def train_section(scale: str) -> ml_collections.ConfigDict:
+  """Loop settings: steps, logging, checkpoints, guards, gradient accumulation, EMA."""
+  full = scale == "full"
+  return ml_collections.ConfigDict(dict(
+      num_steps=200_000 if full else 240,
+      log_every_steps=50 if full else 10,
+      image_every_steps=2_000 if full else 40,      # PNG grid: input / reconstruction / image decoder
+      # Probe: val/rec_l1, val/psnr, val/reg_l1, val/reg_psnr of fixed clips (the first `eval_batches` batches of
+      # `data.eval`, posterior mode) at step 0, every N steps and at the end; 0 disables it. Off in `full` until
+      # `data.eval.path` names a held-out set.
+      eval_every_steps=0 if full else 20,
+      eval_batches=4,
+      checkpoint_every_steps=2_000 if full else 80,
+      keep_checkpoints=3,
+      async_checkpoints=True,
+      grad_accum_steps=1,                            # micro-batches per step (the batch dim is split)
+      ema_decay=0.0,                                 # 0 disables the EMA of generator params
+      max_nan_steps=10,                              # consecutive non-finite steps before stopping
+      alternate_updates=True,                        # G and D on alternate steps (released); False: both
+      remat=False,                                   # jax.checkpoint per res block
+      compute_dtype="float32",                       # "float32" | "bfloat16" (params stay float32)
+  ))
+
+
+def optim_section(scale: str, num_steps: int) -> ml_collections.ConfigDict:
+  cfg = optim.make_optimizer_config()
+  cfg.generator.total_steps = num_steps
+  if scale == "demo":  # a short run on a tiny model: higher rates, short warm-up
+    cfg.generator.peak_lr = 4e-4
+    cfg.generator.warmup_steps = 20
+    cfg.discriminator.lr = 2e-4
+  return cfg
+
+
+def mesh_section() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(data=-1, fsdp=1))

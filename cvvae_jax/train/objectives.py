@@ -1,0 +1,95 @@
+"""The training objectives of one batch, composed from the loss terms (`losses.py`, `regularizer.py`): the
+generator's (the VAE and its learned log-variances) and the discriminator's. Pure functions of params and arrays."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from cvvae_jax.models import conv_ops, layers, lpips
+from cvvae_jax.models.sd_vae import image_style
+from cvvae_jax.models.vae3d import CVVAE, variant_style
+from cvvae_jax.train import losses, regularizer
+from cvvae_jax.train.build import Models
+
+Array = jax.Array
+
+
+def decoder_style(vae) -> layers.ConvStyle:
+  return variant_style(vae.variant).decoder if isinstance(vae, CVVAE) else image_style(vae.padding)
+
+
+def model_input(models: Models, video: Array) -> Array:
+  """Batch video `[B, T, H, W, 3]` -> the trained model's input (images `[B, H, W, 3]` for the image VAE)."""
+  if models.is_video:
+    return video
+  if video.shape[1] != 1:
+    raise ValueError(f"the image VAE trains on 1-frame batches, got video of shape {video.shape}")
+  return video[:, 0]
+
+
+def reconstruct(models: Models, vae_params, x: Array, rng: Array | None):
+  """(x_hat, posterior, z, conv_out_input): one VAE pass, sampling z when `rng` is given."""
+  post = models.vae.apply({"params": vae_params}, x, method="encode")
+  z = post.sample(rng) if rng is not None else post.mode()
+  x_hat, inter = models.vae.apply({"params": vae_params}, z, method="decode", mutable=["intermediates"])
+  return x_hat, post, z, inter["intermediates"]["decoder"]["conv_out_input"][0]
+
+
+def generator_objective(params, disc_params, frozen, x: Array, rng: Array, step: Array, models: Models):
+  """The generator objective of one batch -> (total, metrics). `x` is the model input in [-1, 1]."""
+  w = models.weights
+  rng_post, rng_psi = jax.random.split(rng)
+  x_hat, post, z, h = reconstruct(models, params["vae"], x, rng_post)
+
+  perceptual = None
+  if w.perceptual_weight:
+    perceptual = lambda a, b: lpips.lpips_distance(frozen["lpips"], a, b, dtype=models.vae.dtype)
+  nll_of = lambda xh: losses.reconstruction_nll(x, xh, params["logvar"], perceptual, w.perceptual_weight)
+  gan_of = lambda xh: losses.generator_adversarial_loss(models.disc.apply({"params": disc_params}, xh))
+  nll, rec_metrics = nll_of(x_hat)
+  g_loss = gan_of(x_hat)
+
+  def adaptive_weight():
+    """||grad nll|| / (||grad g|| + eps) at the decoder's last conv kernel (by the chain rule through it)."""
+    kernel = params["vae"]["decoder"]["conv_out"]["kernel"]
+    bias = params["vae"]["decoder"]["conv_out"]["bias"]
+    conv = lambda k: conv_ops.conv_apply(jax.lax.stop_gradient(h), k, bias, padding=decoder_style(models.vae)
+                                       .main_padding(), dtype=models.vae.dtype)
+    _, conv_vjp = jax.vjp(conv, jax.lax.stop_gradient(kernel))
+    xh = jax.lax.stop_gradient(x_hat)
+    grad_nll = conv_vjp(jax.grad(lambda v: nll_of(v)[0])(xh).astype(models.vae.dtype))[0]
+    grad_g = conv_vjp(jax.grad(gan_of)(xh).astype(models.vae.dtype))[0]
+    return losses.adaptive_generator_weight(grad_nll, grad_g, w.disc_weight, eps=w.adaptive_weight_eps,
+                                            max_weight=w.adaptive_weight_max)
+
+  # Before disc_start the GAN term has weight 0: skip the extra backward passes (same compiled step).
+  d_weight = jax.lax.cond(losses.disc_factor(step, w.disc_start) > 0, adaptive_weight,
+                          lambda: jnp.zeros((), jnp.float32))
+  kl = losses.kl_loss(post.mean, post.logvar)
+
+  reg_decoder = reg_encoder = None
+  reg_metrics = {}
+  if models.image_vae is not None and w.reg_decoder_weight:
+    image_decode = lambda latents: models.image_vae.apply({"params": frozen["image_vae"]}, latents,
+                                                          method="decode")
+    reg_decoder, aux = regularizer.decoder_regularization(z, x, image_decode, w.psi, rng_psi, params["logvar_2d"])
+    reg_metrics.update(aux.metrics)
+  if models.image_vae is not None and w.reg_encoder_weight:
+    image_encode = lambda images: models.image_vae.apply({"params": frozen["image_vae"]}, images,
+                                                         method="encode").mode()
+    latent = regularizer.encoder_regularization_latent(x, image_encode, w.psi, rng_psi)
+    x_from_image = models.vae.apply({"params": params["vae"]}, latent, method="decode")
+    reg_encoder, _ = losses.reconstruction_nll(x, x_from_image, params["logvar"], perceptual, w.perceptual_weight)
+
+  total, metrics = losses.generator_loss(w, nll=nll, kl=kl, g_loss=g_loss, d_weight=d_weight, step=step,
+                                         reg_decoder=reg_decoder, reg_encoder=reg_encoder)
+  return total, {**metrics, **rec_metrics, **reg_metrics}
+
+
+def discriminator_objective(disc_params, vae_params, x: Array, rng: Array, step: Array, models: Models):
+  """The discriminator objective of one batch (the reconstruction is a constant here)."""
+  x_hat, *_ = reconstruct(models, jax.lax.stop_gradient(vae_params), x, jax.random.split(rng)[0])
+  logits_real = models.disc.apply({"params": disc_params}, x)
+  logits_fake = models.disc.apply({"params": disc_params}, jax.lax.stop_gradient(x_hat))
+  return losses.discriminator_loss(logits_real, logits_fake, step, models.weights.disc_start)
+

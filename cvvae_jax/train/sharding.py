@@ -1,0 +1,232 @@
+"""Device mesh, parameter/state shardings by rules, and batch sharding for the jitted trainer.
+
+The mesh has two axes (`MESH_AXES`):
+  * `data`: pure data parallelism (parameters replicated along it);
+  * `fsdp`: data parallelism whose devices also split the parameters and optimizer moments (ZeRO-3 / FSDP).
+The batch is split over both axes; parameters only over `fsdp`.
+
+Parameter shardings come from one rule table (as big_vision's `sharding.py`): a tuple of
+`(regex, policy)` pairs matched with `re.search` against the '/'-joined path of every leaf, first match
+wins. Policies (`Policy`):
+  * `"fsdp"`: split the leaf over `fsdp` along its largest dimension divisible by the `fsdp` size (ties:
+    the last such dimension, e.g. output channels of a `[T, H, W, I, O]` kernel); replicate it when no
+    dimension is divisible or it has fewer than `min_fsdp_size` elements;
+  * `"replicate"`: a copy on every device (biases, norm scales, step counters, PRNG keys).
+The rules work on any pytree of arrays or `jax.ShapeDtypeStruct` (from `jax.eval_shape`), so shardings are
+computed before anything is allocated; optimizer states match too, since their leaves' paths end with the
+parameter's path (`1/0/mu/encoder/conv_in/kernel`), and their scalars (`count`) are below the minimum size.
+
+    mesh = sharding.make_mesh(config.mesh)                           # ("data", "fsdp")
+    abstract = jax.eval_shape(init_state, rng)
+    shardings = sharding.state_shardings(abstract, mesh)              # DEFAULT_RULES; or parse_rules(table)
+    state = jax.jit(init_state, out_shardings=shardings)(rng)
+    batch = sharding.shard_host_batch(next(host_iterator), mesh)      # this process's examples
+"""
+from __future__ import annotations
+
+import enum
+import math
+import re
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over every device
+PARAM_AXIS = "fsdp"
+DEFAULT_MIN_FSDP_SIZE = 2**14  # elements; smaller leaves are replicated (sharding them saves little memory)
+
+
+class Policy(enum.Enum):
+  FSDP = "fsdp"
+  REPLICATE = "replicate"
+
+
+class Rule(NamedTuple):
+  pattern: re.Pattern
+  policy: Policy
+
+
+# (regex on the '/'-joined leaf path, policy); first match wins.
+DEFAULT_RULE_TABLE: tuple[tuple[str, str], ...] = (
+    (r"(^|/)(bias|scale)$", "replicate"),  # biases and norm scales (also their optimizer moments)
+    (r"(^|/)[^/]*norm[^/]*/", "replicate"),  # every leaf inside a normalization layer
+    (r".*", "fsdp"),  # everything else: shard if big enough and divisible
+)
+
+
+def parse_rules(table: Sequence[Sequence[str]]) -> tuple[Rule, ...]:
+  """`(regex, policy)` pairs (e.g. `config.sharding.rules`) -> compiled `Rule`s. Raises naming the bad entry."""
+  rules = []
+  valid = [p.value for p in Policy]
+  for i, entry in enumerate(table):
+    if isinstance(entry, Rule):
+      rules.append(entry)
+      continue
+    if isinstance(entry, str) or len(entry) != 2:
+      raise ValueError(f"sharding rule {i}: expected a (regex, policy) pair, got {entry!r}")
+    pattern, policy = entry
+    try:
+      compiled = re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f"sharding rule {i}: invalid regex {pattern!r}: {e}") from e
+    try:
+      policy = policy if isinstance(policy, Policy) else Policy(policy)
+    except ValueError:
+      raise ValueError(f"sharding rule {i} ({pattern!r}): expected a policy in {valid}, got {policy!r}") from None
+    rules.append(Rule(compiled, policy))
+  return tuple(rules)
+
+
+DEFAULT_RULES: tuple[Rule, ...] = parse_rules(DEFAULT_RULE_TABLE)
+
+
+def mesh_shape(cfg: Mapping[str, int] | ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
+  """Resolves `(data, fsdp)` from `config.mesh` for `num_devices`; at most one field may be -1 ("the rest")."""
+  sizes = {}
+  for axis in MESH_AXES:
+    if axis not in cfg:
+      raise ValueError(f"expected field mesh.{axis} (an int, -1 for all remaining devices); got fields "
+                       f"{sorted(cfg.keys())}")
+    value = cfg[axis]
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or (value < 1 and value != -1):
+      raise ValueError(f"expected mesh.{axis} to be a positive int or -1, got {value!r}")
+    sizes[axis] = int(value)
+  free = [a for a in MESH_AXES if sizes[a] == -1]
+  if len(free) > 1:
+    raise ValueError("at most one mesh axis may be -1, got " + ", ".join(f"mesh.{a}=-1" for a in free))
+  if free:
+    fixed = math.prod(s for a, s in sizes.items() if a not in free)
+    if num_devices % fixed:
+      others = " * ".join(f"mesh.{a}" for a in MESH_AXES if a not in free)
+      raise ValueError(f"{others} = {fixed} does not divide the {num_devices} available devices "
+                       f"(mesh.{free[0]}=-1 takes the rest)")
+    sizes[free[0]] = num_devices // fixed
+  product = math.prod(sizes.values())
+  if product != num_devices:
+    names = " * ".join(f"mesh.{a}" for a in MESH_AXES)
+    raise ValueError(f"{names} = {product} but {num_devices} devices are available "
+                     f"(set one of them to -1 to use all remaining devices)")
+  return tuple(sizes[a] for a in MESH_AXES)
+
+
+def make_mesh(cfg: Mapping[str, int] | ml_collections.ConfigDict,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The global `("data", "fsdp")` mesh over `jax.devices()` (every process's devices) from `config.mesh`.
+
+  Axes are `AxisType.Auto` (shardings given to `jit` / `with_sharding_constraint`, the compiler propagates
+  the rest), not `jax.make_mesh`'s default `Explicit`.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  shape = mesh_shape(cfg, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def leaf_path(path) -> str:
+  """A pytree key path as the '/'-joined string the rules match: `opt_state/1/0/mu/encoder/conv_in/kernel`."""
+  return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def partition_spec(shape: Sequence[int], policy: Policy, fsdp_size: int,
+                   min_fsdp_size: int = DEFAULT_MIN_FSDP_SIZE) -> P:
+  """The PartitionSpec of one leaf of `shape` under `policy` (see the module docstring)."""
+  shape = tuple(shape)
+  if policy is Policy.REPLICATE or fsdp_size == 1 or math.prod(shape) < min_fsdp_size:
+    return P()
+  candidates = [d for d, n in enumerate(shape) if n % fsdp_size == 0 and n >= fsdp_size]
+  if not candidates:
+    return P()
+  dim = max(candidates, key=lambda d: (shape[d], d))  # largest; ties -> last
+  return P(*(PARAM_AXIS if d == dim else None for d in range(len(shape))))
+
+
+def _policy_for(path: str, rules: Sequence[Rule]) -> Policy:
+  for rule in rules:
+    if rule.pattern.search(path):
+      return rule.policy
+  return Policy.REPLICATE  # no rule: replicate (never shard silently by accident)
+
+
+def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES, *,
+                    min_fsdp_size: int = DEFAULT_MIN_FSDP_SIZE) -> Any:
+  """Same-structure pytree of `PartitionSpec` for any pytree of arrays / `ShapeDtypeStruct` / scalars."""
+  rules = parse_rules(rules)
+  if PARAM_AXIS not in mesh.shape:
+    raise ValueError(f"expected a mesh with axis {PARAM_AXIS!r}, got axes {tuple(mesh.shape)}")
+  fsdp_size = mesh.shape[PARAM_AXIS]
+
+  def spec(path, leaf):
+    return partition_spec(np.shape(leaf), _policy_for(leaf_path(path), rules), fsdp_size, min_fsdp_size)
+
+  return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES, *,
+                    min_fsdp_size: int = DEFAULT_MIN_FSDP_SIZE) -> Any:
+  """Same-structure pytree of `NamedSharding` for any state pytree (a TrainState of params, optimizer
+  states, EMA params, step, rng; leaves are arrays or `jax.ShapeDtypeStruct`). Paths are matched by rules."""
+  specs = partition_specs(abstract_state, mesh, rules, min_fsdp_size=min_fsdp_size)
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def param_shardings(abstract_params: Any, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES, *,
+                    min_fsdp_size: int = DEFAULT_MIN_FSDP_SIZE) -> Any:
+  """Same-structure pytree of `NamedSharding` for a params pytree (see `state_shardings`)."""
+  return state_shardings(abstract_params, mesh, rules, min_fsdp_size=min_fsdp_size)
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  """`ShapeDtypeStruct`s of `abstract` carrying `shardings` (what `checkpoint.restore_latest` takes)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(np.shape(a), a.dtype if hasattr(a, "dtype") else
+                                                        np.asarray(a).dtype, sharding=s), abstract, shardings)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over `("data", "fsdp")`, every other dimension whole."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def _batch_devices(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def check_batch_divisible(global_batch: int, mesh: Mesh, field_name: str) -> int:
+  """Checks the config's global batch size against the mesh; returns this process's batch size.
+
+  `field_name` is the config field the value came from (e.g. `"config.batch_size"`), for the error.
+  """
+  n = _batch_devices(mesh)
+  if not isinstance(global_batch, (int, np.integer)) or global_batch < 1:
+    raise ValueError(f"expected {field_name} to be a positive int, got {global_batch!r}")
+  if global_batch % n:
+    raise ValueError(f"{field_name}={global_batch} must be divisible by the number of devices on the batch "
+                     f"axes, mesh.data * mesh.fsdp = {' * '.join(str(mesh.shape[a]) for a in BATCH_AXES)} = {n}")
+  if global_batch % jax.process_count():
+    raise ValueError(f"{field_name}={global_batch} must be divisible by the number of processes "
+                     f"{jax.process_count()}")
+  return global_batch // jax.process_count()
+
+
+def shard_host_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's examples `{name: np.ndarray [B_local, ...]}` -> global `jax.Array`s `[B_global, ...]`
+  split over `("data", "fsdp")`. Each process passes its own shard (a single process: the whole batch)."""
+  sharding = batch_sharding(mesh)
+  n, procs = _batch_devices(mesh), jax.process_count()
+
+  def put(path, x):
+    x = np.asarray(x)
+    if x.ndim == 0:
+      raise ValueError(f"batch{jax.tree_util.keystr(path)}: expected an array with a batch dimension, got a "
+                       f"scalar")
+    if (x.shape[0] * procs) % n:
+      raise ValueError(f"batch{jax.tree_util.keystr(path)}: {x.shape[0]} examples on each of {procs} "
+                       f"process(es) is not divisible by the {n} devices on the batch axes (data * fsdp)")
+    return jax.make_array_from_process_local_data(sharding, x)
+
+  return jax.tree_util.tree_map_with_path(put, dict(local_batch))

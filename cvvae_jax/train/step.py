@@ -1,0 +1,153 @@
+"""The training step: `train_step(state, batch, rng, frozen) -> (state, metrics)`, pure, and `TrainStep`, its jitted
+programs with explicit shardings; gradient accumulation, the NaN guard, the EMA, and metric averaging on device."""
+from __future__ import annotations
+
+import enum
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cvvae_jax.train import sharding
+from cvvae_jax.train.build import Models
+from cvvae_jax.train.objectives import discriminator_objective, generator_objective, model_input
+from cvvae_jax.train.state import TrainState
+
+Array = jax.Array
+
+
+def _accumulated_grads(loss_fn: Callable, params, x: Array, rng: Array, accum: int):
+  """Mean loss, metrics and gradients over `accum` micro-batches of `x` (split along the batch)."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum == 1:
+    (loss, metrics), grads = grad_fn(params, x, rng)
+    return loss, metrics, grads
+  if x.shape[0] % accum:
+    raise ValueError(f"config.train.grad_accum_steps={accum} must divide the batch size {x.shape[0]}")
+  micro = x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
+
+  def body(carry, inputs):
+    xi, ri = inputs
+    (loss, metrics), grads = grad_fn(params, xi, ri)
+    return jax.tree_util.tree_map(jnp.add, carry, (loss, metrics, grads)), None
+
+  zero = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(lambda: (lambda o: (o[0][0], o[0][1], o[1]))(
+      grad_fn(params, micro[0], rng))))
+  total, _ = jax.lax.scan(body, zero, (micro, jax.random.split(rng, accum)))
+  return jax.tree_util.tree_map(lambda v: v / accum, total)
+
+
+def _guarded_update(tx, grads, opt_state, params, loss):
+  """An optax update applied only when the loss and every gradient are finite."""
+  finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g))
+                                                   for g in jax.tree_util.tree_leaves(grads)]))
+  safe_grads = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, 0.0), grads)
+  updates, new_opt_state = tx.update(safe_grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+  return keep(new_params, params), keep(new_opt_state, opt_state), finite
+
+
+class Update(enum.Enum):
+  """What one step updates: the generator, the discriminator (alternating, as the original), or both."""
+
+  GENERATOR = "generator"
+  DISCRIMINATOR = "discriminator"
+  BOTH = "both"
+
+
+def update_for_step(step: int, alternate: bool) -> Update:
+  """The update of (host-side) step `step`: G on even steps and D on odd ones when alternating, else both."""
+  if not alternate:
+    return Update.BOTH
+  return Update.GENERATOR if step % 2 == 0 else Update.DISCRIMINATOR
+
+
+def train_step(state: TrainState, batch: dict, rng: Array, frozen: dict, *, models: Models,
+               update: Update = Update.BOTH):
+  """One training step -> (new state, metrics). Pure; `rng` is the run's root key (folded with the step).
+
+  `update` is static: the loop calls the generator and discriminator variants on alternate steps (two compiled
+  programs; a traced `lax.cond` between them ran 2x slower than both updates together on XLA's CPU backend).
+  The GAN switch at `disc_start` is traced (`losses.disc_factor`), so it never recompiles.
+  """
+  rng = jax.random.fold_in(rng, state.step)
+  rng_g, rng_d = jax.random.split(rng)
+  x = model_input(models, batch["video"])
+  step = state.step
+  metrics, finite = {}, jnp.array(True)
+
+  if update in (Update.GENERATOR, Update.BOTH):
+    loss_fn = lambda p, xi, ri: generator_objective(p, state.disc_params, frozen, xi, ri, step, models)
+    loss, g_metrics, grads = _accumulated_grads(loss_fn, state.params, x, rng_g, models.grad_accum_steps)
+    params, opt_state, g_finite = _guarded_update(models.tx, grads, state.opt_state, state.params, loss)
+    ema = state.ema_params
+    if models.ema_decay > 0:
+      d = models.ema_decay
+      ema = jax.tree_util.tree_map(lambda e, p: jnp.where(g_finite, d * e + (1 - d) * p, e), ema, params["vae"])
+    state = state.replace(params=params, opt_state=opt_state, ema_params=ema)
+    metrics.update(g_metrics)
+    metrics.update({"grad_norm/generator": optax.global_norm(grads), "lr/generator": models.lr_schedule(step)})
+    finite &= g_finite
+
+  if update in (Update.DISCRIMINATOR, Update.BOTH):
+    loss_fn = lambda p, xi, ri: discriminator_objective(p, state.params["vae"], xi, ri, step, models)
+    loss, d_metrics, grads = _accumulated_grads(loss_fn, state.disc_params, x, rng_d, models.grad_accum_steps)
+    disc_params, disc_opt_state, d_finite = _guarded_update(models.disc_tx, grads, state.disc_opt_state,
+                                                            state.disc_params, loss)
+    state = state.replace(disc_params=disc_params, disc_opt_state=disc_opt_state)
+    metrics.update(d_metrics)
+    metrics.update({"grad_norm/discriminator": optax.global_norm(grads),
+                    "lr/discriminator": models.disc_lr_schedule(step)})
+    finite &= d_finite
+
+  nan_skips = state.nan_skips + jnp.where(finite, 0, 1)
+  nan_streak = jnp.where(finite, 0, state.nan_streak + 1)
+  state = state.replace(step=step + 1, nan_skips=nan_skips, nan_streak=nan_streak)
+  metrics.update({"guard/finite": finite.astype(jnp.float32), "guard/nan_skips": nan_skips.astype(jnp.float32)})
+  return state, metrics
+
+
+class TrainStep:
+  """`train_step` jitted with explicit shardings (state donated), one program per `Update` (and input shape).
+
+      state, metrics, update = step_fn(state, batch, rng, frozen, step)   # `step`: the host's step counter
+  """
+
+  def __init__(self, models: Models, mesh, state_shardings, frozen_shardings):
+    self.models = models
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    batch_sh = {"video": sharding.batch_sharding(mesh)}
+    self._fns = {
+        update: jax.jit(functools.partial(train_step, models=models, update=update),
+                        in_shardings=(state_shardings, batch_sh, replicated, frozen_shardings),
+                        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+        for update in Update}
+
+  def __call__(self, state: TrainState, batch: dict, rng: Array, frozen: dict, step: int):
+    update = update_for_step(step, self.models.alternate)
+    state, metrics = self._fns[update](state, batch, rng, frozen)
+    return state, metrics, update
+
+
+class MetricWindow:
+  """Averages step metrics over a logging window on the device (no host sync until `result`)."""
+
+  def __init__(self):
+    self._sums: dict[Update, Any] = {}
+    self._counts: dict[Update, int] = {}
+
+  def add(self, update: Update, metrics: dict) -> None:
+    prev = self._sums.get(update)
+    self._sums[update] = metrics if prev is None else jax.tree_util.tree_map(jnp.add, prev, metrics)
+    self._counts[update] = self._counts.get(update, 0) + 1
+
+  def result(self) -> dict[str, float]:
+    out = {}
+    for update, sums in self._sums.items():
+      n = self._counts[update]
+      out.update({k: float(v) / n for k, v in jax.device_get(sums).items()})
+    self._sums, self._counts = {}, {}
+    return out

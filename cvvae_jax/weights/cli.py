@@ -1,0 +1,45 @@
+"""Convert model files between the original PyTorch folder layout and our Flax format.
+
+    cvvae-convert SRC OUT --to {torch,flax}        (or: python -m cvvae_jax.convert ...)
+
+SRC is anything `load_pretrained` reads: an original PyTorch folder (config.json + diffusion_pytorch_model.safetensors
+of CVVAEModel, CVVAESD3Model or a diffusers AutoencoderKL), our Flax export (model.json + params/), or a training
+workdir (its latest checkpoint's params). `--to torch` writes the original folder layout, `--to flax` our export.
+"""
+from __future__ import annotations
+
+import sys
+
+import jax
+import numpy as np
+
+from cvvae_jax import cli
+from cvvae_jax.weights import pretrained
+
+
+def parser():
+  p = cli.parser("cvvae-convert", __doc__)
+  p.add_argument("src", help="the model to read: an original PyTorch folder, our Flax export or a training workdir")
+  p.add_argument("out", help="the folder to write")
+  p.add_argument("--to", choices=("torch", "flax"), required=True,
+                 help="torch: the original folder layout; flax: our export (model.json + an Orbax checkpoint)")
+  return p
+
+
+def main(argv=None) -> int:
+  args = parser().parse_args(argv)
+
+  def convert() -> None:
+    model, params = pretrained.load_pretrained(args.src)
+    if args.to == "torch":
+      pretrained.save_pretrained(model, params, args.out)
+    else:
+      pretrained.save_flax(model, params, args.out)
+    n = sum(np.size(x) for x in jax.tree_util.tree_leaves(params))
+    print(f"wrote {args.out} ({args.to}): {type(model).__name__}, {n:,} parameters")
+
+  return cli.run(convert)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,74 @@
+"""Loading and saving whole models: `load_pretrained`, `save_pretrained`, and our Flax format (`save_flax`).
+
+Formats `load_pretrained(path)` accepts:
+  * an original PyTorch folder: `config.json` + `diffusion_pytorch_model.safetensors` of `CVVAEModel` (SD2.1
+    CV-VAE), `CVVAESD3Model` (SD3 CV-VAE) or diffusers `AutoencoderKL` (SD image VAE);
+  * our Flax export (`save_flax`): `model.json` (the model spec, `models.registry`) + `params/` (an Orbax checkpoint);
+  * a training workdir: the latest checkpoint under `<workdir>/checkpoints` (see `workdir.py`).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from cvvae_jax.models import registry
+from cvvae_jax.weights import torch_format, workdir
+
+MODEL_JSON = "model.json"
+PARAMS_DIR = "params"
+
+
+def save_flax(model, params, path: str) -> str:
+  """Writes our format: `path/model.json` and an Orbax checkpoint of the params in `path/params`."""
+  path = os.path.abspath(path)
+  os.makedirs(path, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(path, PARAMS_DIR), jax.device_get(params), force=True)
+  with open(os.path.join(path, MODEL_JSON), "w") as f:
+    json.dump(registry.model_spec(model), f, indent=2)
+  return path
+
+
+def is_flax_export(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, MODEL_JSON)) and os.path.isdir(os.path.join(path, PARAMS_DIR))
+
+
+def load_flax(path: str, **overrides):
+  """(model, params) of our export; `overrides` set run-time model fields."""
+  path = os.path.abspath(path)
+  with open(os.path.join(path, MODEL_JSON)) as f:
+    model = registry.model_from_spec(json.load(f), **overrides)
+  target = traverse_util.unflatten_dict(registry.param_shapes(model), sep="/")
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(os.path.join(path, PARAMS_DIR), target)
+  return model, params
+
+
+def load_pretrained(path: str, **overrides):
+  """Loads `(model, params)` from an original PyTorch folder, our Flax export, or a training workdir.
+
+  `overrides` set run-time model fields, e.g. `dtype=jnp.bfloat16` (compute) or `remat=True`.
+  Returns a Flax module (`CVVAE` or `ImageVAE`) and its `params` pytree (float32 arrays).
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no such model path: {path}")
+  if torch_format.is_torch_folder(path):
+    return torch_format.load_torch_folder(path, **overrides)
+  if is_flax_export(path):
+    return load_flax(path, **overrides)
+  if workdir.is_workdir(path):
+    return workdir.load_model_from_workdir(path, **overrides)
+  found = sorted(os.listdir(path))[:10] if os.path.isdir(path) else "a file"
+  raise ValueError(f"{path} is not a model: expected an original PyTorch folder ({torch_format.CONFIG_NAME} + "
+                   f"{torch_format.WEIGHTS_NAME}), our Flax export ({MODEL_JSON} + {PARAMS_DIR}/) or a training "
+                   f"workdir with {workdir.CHECKPOINTS_DIR}/; found {found}")
+
+
+def save_pretrained(model, params, out_dir: str) -> str:
+  """Writes the original PyTorch folder layout (config.json + diffusion_pytorch_model.safetensors)."""
+  return torch_format.save_torch_folder(model, params, out_dir)
