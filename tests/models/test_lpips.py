@@ -52,8 +52,8 @@ def distance():
   return jax.jit(L.lpips_distance)
 
 
-def _torch_reference_lpips(monkeypatch):
-  """The reference package's LPIPS(net='vgg', v0.1) with the packaged VGG16 weights loaded into it."""
+def _torch_reference_lpips(monkeypatch, net="vgg"):
+  """The reference package's LPIPS(net=..., v0.1) with the packaged backbone weights loaded into it."""
   torch = pytest.importorskip("torch")
   nn = torch.nn
 
@@ -67,35 +67,45 @@ def _torch_reference_lpips(monkeypatch):
       layers.append(nn.MaxPool2d(2, 2))
     return types.SimpleNamespace(features=nn.Sequential(*layers))
 
+  def alexnet(pretrained=False, **_):  # torchvision's AlexNet.features, indices 0..12
+    assert not pretrained, "the stand-in torchvision cannot give pretrained weights"
+    layers, c_in = [], 3
+    for i, (c_out, kernel, stride, pad) in enumerate(L.ALEXNET_CONVS):
+      layers += [nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=pad), nn.ReLU(inplace=True)]
+      if i in (0, 1, 4):
+        layers.append(nn.MaxPool2d(3, 2))
+      c_in = c_out
+    return types.SimpleNamespace(features=nn.Sequential(*layers))
+
   fake = types.ModuleType("torchvision")
   fake.models = types.ModuleType("torchvision.models")
-  fake.models.vgg16 = vgg16
+  fake.models.vgg16, fake.models.alexnet = vgg16, alexnet
   monkeypatch.setitem(sys.modules, "torchvision", fake)
   monkeypatch.setitem(sys.modules, "torchvision.models", fake.models)
   for name in [m for m in sys.modules if m == "lpips" or m.startswith("lpips.")]:
     monkeypatch.delitem(sys.modules, name)
   lpips_torch = pytest.importorskip("lpips", reason="install with `pip install --no-deps lpips==0.1.4`")
 
-  model = lpips_torch.LPIPS(net="vgg", version="0.1", pretrained=True, pnet_rand=True, verbose=False)
+  model = lpips_torch.LPIPS(net=net, version="0.1", pretrained=True, pnet_rand=True, verbose=False)
   model.eval()
-  src = L.read_packaged_weights()
-  # torchvision VGG16 feature indices of the 13 convs, in order.
+  src = L.read_packaged_weights(L.default_weights_path(net))
   conv_modules = [m for m in model.net.modules() if isinstance(m, nn.Conv2d)]
-  assert len(conv_modules) == 13
+  assert len(conv_modules) == {"vgg": 13, "alex": 5}[net]
   with torch.no_grad():
     for i, conv in enumerate(conv_modules):
-      kernel = src[f"VGG16_0/Conv_{i}/kernel"]  # HWIO
+      kernel = src[f"{L.SOURCE_NETS[net]}/Conv_{i}/kernel"]  # HWIO
       conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))))
-      conv.bias.copy_(torch.from_numpy(src[f"VGG16_0/Conv_{i}/bias"]))
+      conv.bias.copy_(torch.from_numpy(src[f"{L.SOURCE_NETS[net]}/Conv_{i}/bias"]))
   return torch, lpips_torch, model
 
 
-def test_packaged_linear_layers_equal_official_v01(monkeypatch):
-  torch, lpips_torch, _ = _torch_reference_lpips(monkeypatch)
+@pytest.mark.parametrize("net", L.NETS)
+def test_packaged_linear_layers_equal_official_v01(monkeypatch, net):
+  torch, lpips_torch, _ = _torch_reference_lpips(monkeypatch, net)
   import os
-  path = os.path.join(os.path.dirname(lpips_torch.__file__), "weights", "v0.1", "vgg.pth")
+  path = os.path.join(os.path.dirname(lpips_torch.__file__), "weights", "v0.1", f"{net}.pth")
   official = torch.load(path, map_location="cpu")
-  src = L.read_packaged_weights()
+  src = L.read_packaged_weights(L.default_weights_path(net))
   for i in range(5):
     ours = src[f"NetLinLayer_{i}/Conv_0/kernel"].reshape(-1)
     np.testing.assert_array_equal(ours, official[f"lin{i}.model.1.weight"].numpy().reshape(-1))
@@ -110,6 +120,22 @@ def test_matches_reference_torch_lpips(monkeypatch, params, distance):
   ours = np.asarray(distance(params, jnp.asarray(x), jnp.asarray(y)))
   np.testing.assert_allclose(ours, ref, rtol=2e-5, atol=1e-6)
   np.testing.assert_allclose(ref, GOLDEN, rtol=1e-5, atol=1e-6)
+
+
+def test_alexnet_matches_reference_torch_lpips(monkeypatch, distance):
+  """LPIPS-Alex on random images (and on the image pairs) equals the reference package's net="alex"."""
+  torch, _, model = _torch_reference_lpips(monkeypatch, "alex")
+  params = L.load_lpips_params(net="alex")
+  assert L.net_of(params) == "alex" and sorted(params) == ["alex", "lin_0", "lin_1", "lin_2", "lin_3", "lin_4"]
+  rng = np.random.default_rng(3)
+  random = [rng.uniform(-1, 1, (4, 48, 56, 3)).astype(np.float32) for _ in range(2)]
+  for x, y in (random, _pairs()):
+    with torch.no_grad():
+      ref = model(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(y.transpose(0, 3, 1, 2)))
+    ours = np.asarray(distance(params, jnp.asarray(x), jnp.asarray(y)))
+    np.testing.assert_allclose(ours, ref.numpy().reshape(-1), rtol=2e-5, atol=1e-6)
+  with pytest.raises(ValueError, match=r"H, W >= 31"):
+    L.lpips_distance(params, jnp.zeros((1, 30, 30, 3)), jnp.zeros((1, 30, 30, 3)))
 
 
 def test_matches_golden_values(params, distance):
