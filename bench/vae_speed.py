@@ -305,7 +305,7 @@ _SIDE_NAMES = dict(ours="ours", ours_used="ours, used params only", torch="torch
 
 def markdown(result: dict) -> str:
   m = result["machine"]
-  lines = [f"# VAE speed: ours (JAX/XLA) vs PyTorch, fp32, batch 1", "",
+  lines = ["# VAE speed: ours (JAX/XLA) vs PyTorch, fp32, batch 1", "",
            f"Machine: {m.get('cpu', '?')}, {m.get('cpus')} CPUs, {m.get('mem_gib')} GiB, ISA {m.get('isa')}; "
            f"{m.get('platform')}. Load average at start: {m.get('loadavg_at_start')}. Command: `{result['command']}`.",
            "", "Time: median of the timed calls (ours after compile; compile separately). GFLOP/s with each side's "

@@ -1,4 +1,4 @@
-"""Multi-process start-up: `jax.distributed.initialize` from the standard environment, when there is one."""
+"""Multi-process start-up of the commands: `jax.distributed.initialize` from the environment, when it has one."""
 from __future__ import annotations
 
 import importlib.util

@@ -324,8 +324,9 @@ def create_train_iterator(config, *, seed: int, process_index: int | None = None
 class EvalData:
   """Iterable over one pass of an evaluation set, the same number of batches on every host.
 
-  Each pass yields `{"video": float32 [B, T, H, W, 3] in [-1, 1], "path": str [B], "mask": bool [B]}`;
-  `mask` is False for padding (the last batches) and for skipped inputs, whose video is zeros.
+  Each pass yields `{"video": float32 [B, T, H, W, 3] in [-1, 1], "path": str [B], "mask": bool [B],
+  "index": int64 [B]}`; `mask` is False for padding (the last batches) and for skipped inputs, whose video is
+  zeros; `index` is the example's position in the dataset (-1 for padding), the same for any process count.
   """
 
   def __init__(self, dataset: tf.data.Dataset, num_batches: int, stats: DataStats):
@@ -354,11 +355,11 @@ class _EvalPass:
     if self._iterator is None:
       raise StopIteration
     try:
-      video, path, mask = next(self._iterator)
+      video, path, mask, index = next(self._iterator)
     except StopIteration:
       self.close()
       raise
-    return {"video": video, "path": np.array([p.decode() for p in path]), "mask": mask}
+    return {"video": video, "path": np.array([p.decode() for p in path]), "mask": mask, "index": index}
 
   def close(self) -> None:
     self._iterator = None
@@ -397,25 +398,28 @@ def create_eval_iterator(config, *, process_index: int | None = None, process_co
   def load(slot):
     index = int(slot) * process_count + process_index
     if index >= n:
-      return np.zeros(shape, np.uint8), b"", False
+      return np.zeros(shape, np.uint8), b"", False, np.int64(-1)
     record = None
     try:
       record = source[index]
       rng = np.random.default_rng([_TAG_EVAL, index])  # only the short side, if given as a range
-      return sample_example(record, clip, rng, stats=stats), source.locate(record["key"]).encode(), True
+      video = sample_example(record, clip, rng, stats=stats)
+      return video, source.locate(record["key"]).encode(), True, np.int64(index)
     except Exception as e:  # pylint: disable=broad-except
       where = source.locate(record["key"]) if record else source.describe(index)
       stats.skip(where, _reason(e))
-      return np.zeros(shape, np.uint8), where.encode(), False
+      return np.zeros(shape, np.uint8), where.encode(), False, np.int64(index)
 
   def load_tf(slot):
-    video, path, ok = tf.numpy_function(load, [slot], (tf.uint8, tf.string, tf.bool), stateful=True)
-    return tf.ensure_shape(video, shape), tf.ensure_shape(path, ()), tf.ensure_shape(ok, ())
+    video, path, ok, index = tf.numpy_function(load, [slot], (tf.uint8, tf.string, tf.bool, tf.int64),
+                                               stateful=True)
+    return (tf.ensure_shape(video, shape), tf.ensure_shape(path, ()), tf.ensure_shape(ok, ()),
+            tf.ensure_shape(index, ()))
 
   ds = tf.data.Dataset.range(num_batches * batch)
   ds = ds.map(load_tf, num_parallel_calls=config.num_parallel_calls, deterministic=True)
   ds = ds.batch(batch, drop_remainder=True)
-  ds = ds.map(lambda v, p, m: (_to_unit_range(v), p, m))
+  ds = ds.map(lambda v, p, m, i: (_to_unit_range(v), p, m, i))
   ds = ds.prefetch(config.prefetch)
   logging.info("data: eval: %d examples from %s, %d batches of %s per host", n, source.name,
                num_batches, (batch, *shape))

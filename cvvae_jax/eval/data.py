@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
+
 from cvvae_jax import metrics
 from cvvae_jax.data import config as data_config_lib
 from cvvae_jax.data import folders, media, sources
 from cvvae_jax.eval.config import EMBEDDED, EvalConfig, EvaluationError
 from cvvae_jax.eval.models import Models
+from cvvae_jax.models import lpips
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +74,7 @@ def resolve_data(cfg: EvalConfig) -> DataSpec:
 
 
 def data_config(cfg: EvalConfig, spec: DataSpec):
-  """The data config (`data/config.py`) whose `eval` section reads `spec`."""
+  """The data config (`data/config.py`) whose `eval` section reads `spec`, this process's share of each batch."""
   c = data_config_lib.get_config("full")
   c.embedded_dir = cfg.embedded_dir
   h, w = cfg.resolution
@@ -79,7 +82,7 @@ def data_config(cfg: EvalConfig, spec: DataSpec):
   c.eval.update(dict(kind=spec.kind, source=spec.source, path=spec.path, tfds_name=spec.tfds_name,
                      split=spec.split or "train", data_dir=spec.data_dir, data_key=spec.data_key,
                      frames=int(cfg.frames) if video else 1, stride=int(cfg.stride) if video else 1,
-                     size=(h, w), short_side=min(h, w), batch_size=int(cfg.batch_size)))
+                     size=(h, w), short_side=min(h, w), batch_size=int(cfg.batch_size) // jax.process_count()))
   return c
 
 
@@ -97,7 +100,7 @@ def check_setup(cfg: EvalConfig, models: Models, spec: DataSpec) -> None:
       tc = e.model.temporal_compression
       problems.append(f"--{e.role} ({e.path}) is a CV-VAE: expected --frames = 1 + {tc}k (e.g. "
                       f"{1 + tc * max(1, (frames - 1) // tc)}), got {frames}")
-  need = max(metrics.SSIM_WINDOW, 16 if cfg.lpips else 0)
+  need = max(metrics.SSIM_WINDOW, lpips.MIN_SIZE[cfg.lpips_net] if cfg.lpips else 0)
   if min(h, w) < need:
     problems.append(f"resolution: expected H, W >= {need} (SSIM window{', LPIPS pooling' if cfg.lpips else ''}), "
                     f"got {h}x{w}")

@@ -22,6 +22,31 @@ ERROR_MAP_RANGE = 0.25  # error maps: mean |a - b| over RGB in [0, 1] units, ful
 MIN_SAMPLE_HEIGHT = 96  # sample strips enlarge smaller frames by an integer factor
 
 
+PLOTS = ["per_frame.png", "per_clip_hist.png"]  # always written; compat_group.png with clips of a latent group
+
+
+def plot_group_offsets(path: str, acc: Accumulator) -> bool:
+  """The image decoder on latent i >= 1 against each frame 4(i-1)+j of its group: mean PSNR over clips and latents
+  per j with its 95% CI (where in the 4-frame group the latent is most compatible). False: nothing to plot."""
+  names = sorted(k for k in acc.values if k.startswith("compat/group_offset/"))
+  if not names:
+    return False
+  offsets = [int(k.rsplit("/", 1)[1]) for k in names]
+  summaries = [acc.summary(k, "psnr") for k in names]
+  fig = Figure(figsize=(5, 3.2))
+  ax = fig.subplots()
+  ax.errorbar(offsets, [s["mean"] for s in summaries], yerr=[np.nan_to_num(s["ci95"]) for s in summaries],
+              marker="o", capsize=3)
+  ax.set_xticks(offsets, [f"4(i-1)+{j}" for j in offsets])
+  ax.set_xlabel("frame of latent i's group")
+  ax.set_ylabel("PSNR of the image decoder (dB)")
+  ax.set_title("Where in its group a CV-VAE latent is an image latent")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  return True
+
+
 def plot_per_frame(path: str, acc: Accumulator, models: Models, metric_names: Sequence[str], tc: int) -> None:
   fig = Figure(figsize=(8, 2.6 * len(metric_names)))
   axes = fig.subplots(len(metric_names), 1, sharex=True, squeeze=False)

@@ -12,7 +12,7 @@ import numpy as np
 
 from cvvae_jax import utils
 from cvvae_jax.eval.accumulator import Accumulator
-from cvvae_jax.eval.config import EvalConfig
+from cvvae_jax.eval.config import PAPER_TABLE1, EvalConfig
 from cvvae_jax.eval.data import DataSpec
 from cvvae_jax.eval.models import Models
 from cvvae_jax.eval.plots import ERROR_MAP_RANGE
@@ -33,7 +33,6 @@ def json_safe(value: Any) -> Any:
   if isinstance(value, np.ndarray):
     return json_safe(value.tolist())
   return value
-
 
 
 def _fmt(summary: Optional[Mapping[str, Any]], metric: str, signed: bool = False) -> str:
@@ -57,12 +56,14 @@ def write_markdown(path: str, report: Mapping[str, Any]) -> None:
   results, models, data, cfg = report["results"], report["models"], report["data"], report["config"]
   metric_names = report["metrics"]
   header_metrics = " | ".join({"psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓"}[m] for m in metric_names)
+  backbone = {"vgg": "VGG16", "alex": "AlexNet"}[cfg["lpips_net"]]
   clip = (f"{data['frames']} frames at stride {data['stride']}" if data["kind"] == "video" else "images")
   lines = [f"# Evaluation on {data['name']}", "",
            f"{data['num_clips']} {'clips' if data['kind'] == 'video' else 'images'} ({clip}, "
            f"{cfg['resolution'][0]}x{cfg['resolution'][1]}, short-side resize + centre crop); "
            f"{data['num_skipped']} input(s) skipped. Mean ± 95% CI over clips (each clip averaged over its frames). "
-           f"Tiling: {cfg['tiling']}, dtype {cfg['dtype']}.", "",
+           f"Tiling: {cfg['tiling']}, dtype {cfg['dtype']}" + (f"; LPIPS v0.1 with the {backbone} backbone."
+                                                                if "lpips" in metric_names else "."), "",
            "## Reconstruction", "",
            f"| Method | Params enc+dec | Frame compression | {header_metrics} |",
            "|---|---|---|" + "---|" * len(metric_names)]
@@ -75,6 +76,7 @@ def write_markdown(path: str, report: Mapping[str, Any]) -> None:
   if "model_minus_baseline" in results:
     row = " | ".join(_fmt(results["model_minus_baseline"].get(mt), mt, signed=True) for mt in metric_names)
     lines.append(f"| model − baseline (paired per clip) | | | {row} |")
+  lines += _paper_rows(report, metric_names) + _fvd_lines(report)
   compat = report["compatibility"]
   lines += ["", "## Compatibility", "", f"Status: {compat['status']}."]
   if compat.get("series"):
@@ -99,20 +101,87 @@ def write_markdown(path: str, report: Mapping[str, Any]) -> None:
     if ref in results:
       row = " | ".join(_fmt(results[ref].get(mt), mt) for mt in metric_names)
       lines.append(f"| image VAE → image decoder (reference) | every frame | {row} |")
+  lines += _latent_lines(report)
   for note in report.get("notes", []):
     lines += ["", f"Note: {note}"]
   lines += ["", "Pictures: per_frame.png (per-frame means over clips, shaded 95% CI; dotted lines at frames 4i, the "
             "last frame of each latent's group), per_clip_hist.png, samples/sample_NN.png|mp4 (rows: input, model, "
             "model error, baseline, baseline error; error = mean |difference| over RGB in [0, 1] units, full colour "
             f"at {ERROR_MAP_RANGE}), samples/compat_NN.png (rows: frame 4i, mean of frames 4i-3..4i, image decoder "
-            "on the CV-VAE latent, its error vs frame 4i, CV-VAE decoder on the image VAE latent of frame 4i).", ""]
+            "on the CV-VAE latent, its error vs frame 4i, CV-VAE decoder on the image VAE latent of frame 4i), "
+            "compat_group.png (the image decoder on latent i against each frame of its group).", ""]
   with open(path, "w") as f:
     f.write("\n".join(lines))
 
 
-def build_report(cfg: EvalConfig, models: Models, spec: DataSpec, acc: Accumulator, stats,
-                 metric_names: Sequence[str]) -> dict[str, Any]:
-  """The metrics.json content (without timing and the list of pictures)."""
+def paper_class(m: Mapping[str, Any]) -> str:
+  """The paper's Table-1 row of a model's class (`PAPER_TABLE1`), from its description in the report."""
+  fields = m["spec"]["fields"]
+  if m["class"] == "CVVAE":
+    if fields.get("variant") == "sd3":
+      return "CV-VAE SD3"
+    return "CV-VAE 2D+3D" if fields.get("half_3d", True) else "CV-VAE all-3D"
+  return "SD3 image VAE" if m["latent_channels"] == 16 else "SD2.1 image VAE"
+
+
+def _paper_rows(report: Mapping[str, Any], metric_names: Sequence[str]) -> list[str]:
+  protocol = report["config"]["protocol"]
+  if not protocol:
+    return []
+  lines = []
+  for m in report["models"].values():
+    name = paper_class(m)
+    values = dict(zip(("psnr", "ssim", "lpips"), PAPER_TABLE1[name][protocol]))
+    row = " | ".join(f"{values[mt]:.{2 if mt == 'psnr' else 3}f}" for mt in metric_names)
+    lines.append(f"| reference: the paper's {name} (its {protocol} data) | | | {row} |")
+  return lines
+
+
+def _fvd_lines(report: Mapping[str, Any]) -> list[str]:
+  fvd = report.get("fvd", {})
+  lines = ["", "## rFVD", "", f"Status: {fvd.get('status', 'off')}."]
+  recon = {k: v for k, v in fvd.items() if k.startswith("recon/")}
+  if not recon:
+    return lines
+  lines += ["", f"{fvd['clips']} clips. Protocol: {fvd['protocol']}.", "",
+            "| Reconstruction by | rFVD ↓ | 95% interval |", "|---|---|---|"]
+  for name, entry in recon.items():
+    ci = entry.get("ci95")
+    interval = f"{ci[0]:.2f} – {ci[1]:.2f}" if ci else "–"
+    lines.append(f"| {name.removeprefix('recon/')} | {entry['fvd']:.2f} | {interval} |")
+  if fvd.get("biased"):
+    lines += ["", f"Fewer than {2 * 400} clips (twice the feature dimension): the covariances are rank-deficient and "
+              "rFVD is biased upwards; compare only values from the same number of clips."]
+  return lines
+
+
+def _latent_lines(report: Mapping[str, Any]) -> list[str]:
+  stats = report.get("latent_statistics")
+  lines = []
+  offsets = report["compatibility"].get("group_offset_psnr")
+  if offsets:
+    best = max(offsets, key=lambda j: offsets[j]["mean"])
+    lines += ["", "Image decoder on latent i (i >= 1) against each frame of its group, PSNR: " + ", ".join(
+        f"frame 4(i-1)+{j} {offsets[j]['mean']:.2f}" for j in sorted(offsets)) + f" (best: +{best})."]
+  if not stats:
+    return lines
+  lines += ["", "Latent statistics (raw latents, per channel over every latent position): the CV-VAE's latents "
+            "against the image VAE's on the frames they stand for (frame 4i), and the KL divergence between the "
+            "per-channel Gaussians.", "",
+            "| Channel | CV-VAE mean | CV-VAE std | image VAE mean | image VAE std | KL(CV ‖ image) |",
+            "|---|---|---|---|---|---|"]
+  cv, img = stats["cv"], stats["image_slice"]
+  for c in range(stats["channels"]):
+    lines.append(f"| {c} | {cv['mean'][c]:+.3f} | {cv['std'][c]:.3f} | {img['mean'][c]:+.3f} | {img['std'][c]:.3f} "
+                 f"| {img['kl'][c]:.4f} |")
+  lines.append(f"| sum | | | | | {img['kl_sum']:.4f} (every frame: {stats['image_all']['kl_sum']:.4f}) |")
+  return lines
+
+
+def build_report(cfg: EvalConfig, models: Models, spec: DataSpec, acc: Accumulator, skipped: Mapping[str, Any],
+                 metric_names: Sequence[str], sections: Mapping[str, Any]) -> dict[str, Any]:
+  """The metrics.json content (without timing and the list of pictures). `skipped`: {"skipped": {path: reason},
+  "skip_events": n} of every process; `sections`: "fvd", "latent_statistics", "devices"."""
   results: dict[str, Any] = {}
   for series in series_names(models, cfg.compat_psi):
     results[series] = {m: acc.summary(series, m) for m in metric_names}
@@ -126,6 +195,9 @@ def build_report(cfg: EvalConfig, models: Models, spec: DataSpec, acc: Accumulat
     series["reference/image_vae_slice"] = {m: acc.summary(f"recon/{models.image_key}", m, frames=slice(None, None, tc))
                                            for m in metric_names}
     compat["series"] = series
+    offsets = sorted(k for k in acc.values if k.startswith("compat/group_offset/"))
+    if offsets:
+      compat["group_offset_psnr"] = {int(k.rsplit("/", 1)[1]): acc.summary(k, "psnr") for k in offsets}
   video = spec.kind == "video"
   names = series_names(models, cfg.compat_psi)
   clip_values = {s: {m: acc.clip_values(s, m) for m in metric_names} for s in names}
@@ -141,15 +213,18 @@ def build_report(cfg: EvalConfig, models: Models, spec: DataSpec, acc: Accumulat
       "metric_definitions": {
           "psnr": "dB on [0, 1] frames (clipped), per frame (cvvae_jax.metrics.psnr)",
           "ssim": "Gaussian 11x11 sigma 1.5 on [0, 1] frames, per frame (cvvae_jax.metrics.ssim)",
-          "lpips": "LPIPS VGG16 v0.1 per frame (cvvae_jax.models.lpips)",
+          "lpips": f"LPIPS v0.1 per frame, {'AlexNet' if cfg.lpips_net == 'alex' else 'VGG16'} backbone "
+                   "(cvvae_jax.models.lpips)",
+          "rfvd": "see fvd.protocol",
           "mean/ci95": "mean over clips of each clip's mean over frames; 95% CI half-width 1.96 std/sqrt(n)",
       },
       "models": {k: {"role": e.role, **e.describe()} for k, e in models.entries.items()},
       "data": {**dataclasses.asdict(spec), "name": spec.name, "frames": cfg.frames if video else 1,
-               "stride": cfg.stride if video else 1, "num_clips": acc.num_clips, "num_skipped": stats.num_skipped,
-               "skip_events": stats.skip_events, "skipped": dict(sorted(stats.skipped.items()))},
+               "stride": cfg.stride if video else 1, "num_clips": acc.num_clips, "num_skipped": len(skipped["skipped"]),
+               "skip_events": skipped["skip_events"], "skipped": skipped["skipped"]},
       "results": results,
       "compatibility": compat,
+      **sections,
       "notes": list(models.notes),
       "per_clip": per_clip,
   }

@@ -1,4 +1,4 @@
-"""The evaluation step: every decode and every per-frame score of one batch, in one compiled function."""
+"""The evaluation step: every decode, every per-frame score and every feature of one batch, in one function."""
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -11,7 +11,7 @@ from cvvae_jax import metrics
 from cvvae_jax.eval.config import LPIPS_FRAMES_PER_CALL, EvalConfig
 from cvvae_jax.eval.models import Models
 from cvvae_jax.inference import api
-from cvvae_jax.models import lpips
+from cvvae_jax.models import i3d, lpips
 from cvvae_jax.models.psi import TEMPORAL_COMPRESSION, PsiMapping, psi
 
 
@@ -95,13 +95,29 @@ def series_names(models: Models, compat_psi: Sequence[str]) -> list[str]:
   return names
 
 
-def make_step(models: Models, cfg: EvalConfig) -> Callable:
-  """The jitted step `(params, lpips_params, video) -> (scores, pictures)`.
+def group_offset_psnr(crossed: jax.Array, video: jax.Array) -> dict[str, dict[str, jax.Array]]:
+  """Where in its 4-frame group a latent is most compatible: PSNR of the image decoder on latent i >= 1 against
+  each frame 4(i-1) + j of its group, j = 1..4 (the last frame, j = 4, is psi's `slice` target).
 
-  `params` maps each key of `models.entries` to its params; `video` is `[B, T, H, W, 3]` in [-1, 1].
-  `scores[name][metric]` is `[B, T_name]` (see `series_names`); `pictures` holds the decoded videos that the sample
-  strips show: `recon/<key>` `[B, T, H, W, 3]`, `compat/cv_latent_image_decoder` `[B, 1+k, H, W, 3]` and
-  `compat/image_latent_cv_decoder` `[B, T, H, W, 3]`.
+  `crossed [B, 1+k, H, W, 3]` (the image decoder on each latent frame), `video [B, 1+4k, H, W, 3]` ->
+  `{"compat/group_offset/<j>": {"psnr": [B, k]}}` (nothing for k = 0).
+  """
+  k = crossed.shape[1] - 1
+  n = TEMPORAL_COMPRESSION
+  return {f"compat/group_offset/{j}": {"psnr": metrics.psnr(video[:, j:n * k + 1:n], crossed[:, 1:])}
+          for j in range(1, n + 1) if k > 0}
+
+
+def make_step(models: Models, cfg: EvalConfig) -> Callable:
+  """The step `(params, frozen, video) -> (scores, extras, pictures)`, pure (`run.py` jits it over the devices).
+
+  `params` maps each key of `models.entries` to its params, `frozen` holds the metric networks ("lpips" when
+  LPIPS is on); `video` is `[B, T, H, W, 3]` in [-1, 1].
+  - `scores[name][metric]` is `[B, T_name]` (see `series_names`), plus the psnr of `group_offset_psnr`;
+  - `extras`: the raw latents the compatibility statistics compare: "latents/cv" (the CV-VAE's posterior mean `[B, 1+k, h, w, C]`) and
+    "latents/image" (the image VAE's of every frame `[B, T, h, w, C]`);
+  - `pictures`: the decoded videos of the sample strips, `recon/<key>` `[B, T, H, W, 3]`,
+    `compat/cv_latent_image_decoder` `[B, 1+k, H, W, 3]` and `compat/image_latent_cv_decoder` `[B, T, H, W, 3]`.
   """
   tiling = cfg.tiling_config()
   psis = [PsiMapping.parse(p) for p in cfg.compat_psi]
@@ -113,14 +129,15 @@ def make_step(models: Models, cfg: EvalConfig) -> Callable:
   def decode(key, params, z, image_mode):  # raw latent -> frames
     e = models.entries[key]
     return api.decode(e.model, params[key], e.model.scale_latent(z), tiling=tiling,
-                            image_mode=image_mode or not e.is_video)
+                      image_mode=image_mode or not e.is_video)
 
-  def step(params, lpips_params, video):
-    latents, pictures, pairs = {}, {}, {}
+  def step(params, frozen, video):
+    latents, pictures, pairs, extras = {}, {}, {}, {}
     for key in models.recon_keys():
       latents[key] = encode(key, params, video)
       pictures[f"recon/{key}"] = decode(key, params, latents[key], image_mode=False)
       pairs[f"recon/{key}"] = (video, pictures[f"recon/{key}"])
+    offsets = {}
     if models.compat:
       cv, img = models.cv_key, models.image_key
       crossed = decode(img, params, latents[cv], image_mode=True)  # [B, 1+k, H, W, 3]
@@ -130,6 +147,24 @@ def make_step(models: Models, cfg: EvalConfig) -> Callable:
       back = decode(cv, params, latents[img], image_mode=True)  # [B, T, H, W, 3]
       pictures["compat/image_latent_cv_decoder"] = back
       pairs["compat/image_latent_cv_decoder"] = (video, back)
-    return score_pairs(pairs, lpips_params), pictures
+      offsets = group_offset_psnr(crossed, video)
+      extras["latents/cv"], extras["latents/image"] = latents[cv], latents[img]
+    return {**score_pairs(pairs, frozen.get("lpips")), **offsets}, extras, pictures
 
-  return jax.jit(step)
+  return step
+
+
+def make_features(models: Models) -> Callable:
+  """The rFVD features of one batch, `(i3d_params, video, pictures) -> {"fvd/input": [B, 400], "fvd/recon/<key>":
+  [B, 400]}`: I3D logits of the clips and of each model's reconstruction (`pictures["recon/<key>"]` from the step).
+
+  A program of its own, run after the step on the step's outputs (they stay on the devices): with I3D inside the
+  step's program, XLA:CPU 0.10.2 on 8 host devices returned wrong logits for the CV-VAE's reconstructions in some
+  runs (a different clip each run; the same values from a separate program and on one device).
+  """
+  def features(i3d_params, video, pictures):
+    logits = lambda clips: i3d.i3d_logits(i3d_params, i3d.preprocess(clips))
+    return {"fvd/input": logits(video), **{f"fvd/recon/{k}": logits(pictures[f"recon/{k}"])
+                                           for k in models.recon_keys()}}
+
+  return features

@@ -12,8 +12,9 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cvvae_jax import cli
-from cvvae_jax.train import distributed, loop
+
+from cvvae_jax import cli, distributed
+from cvvae_jax.train import loop
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/cvvae.py or configs/image_vae.py).",

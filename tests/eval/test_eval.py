@@ -17,26 +17,12 @@ from PIL import Image
 
 from cvvae_jax import metrics
 from cvvae_jax.data import media
-from cvvae_jax.eval import accumulator, config, data as eval_data, models as eval_models, report, run, step
+from cvvae_jax.eval import accumulator, cli, config, data as eval_data, models as eval_models, report, run, step
 from cvvae_jax.models import lpips
 from cvvae_jax.models.psi import PsiMapping
 from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(scope="module")
-def golden(tmp_path_factory):
-  root = tmp_path_factory.mktemp("golden")
-  return {name: helpers.write_golden_folder(name, str(root / name))
-          for name in ("cvvae_sd21_tiny", "sd21_image_vae_tiny", "sd3_image_vae_tiny")}
-
-
-@pytest.fixture(scope="module")
-def embedded_src():
-  from cvvae_jax.data import embedded
-  tfds_dir = embedded.prepare_embedded_dataset("~/.cache/cvvae_jax/data")
-  return os.path.join(os.path.dirname(tfds_dir), "src")
 
 
 def _video(b=2, t=9, h=16, w=16, seed=0):
@@ -280,7 +266,58 @@ def test_cli_on_tiny_models_and_real_clips(golden, embedded_src, tmp_path):
   clip = media.read_video(str(out / "samples" / "sample_00.mp4"))
   assert clip.shape == (5, 32, 48 * 5, 3)  # input | model | model error | baseline | baseline error
   assert set(report["pictures"]) == {"per_frame.png", "per_clip_hist.png", "samples/sample_00.png",
-                                     "samples/sample_00.mp4", "samples/compat_00.png"}
+                                     "samples/sample_00.mp4", "samples/compat_00.png", "compat_group.png"}
+  assert report["fvd"]["status"].startswith("off: I3D needs clips of >= 9 frames")  # 5 frames
+
+
+@pytest.mark.slow  # I3D on every clip and reconstruction: two minutes on 2 cores
+def test_rfvd_lpips_alex_and_latent_statistics(golden, embedded_src, tmp_path):
+  out = tmp_path / "out"
+  report = run.evaluate(config.EvalConfig(
+      model=golden["cvvae_sd21_tiny"], baseline=golden["sd21_image_vae_tiny"], data="embedded:video", out=str(out),
+      frames=9, stride=2, resolution=(32, 48), batch_size=2, max_clips=3, lpips_net="alex", fvd_bootstrap=20,
+      num_samples=0, progress=False))
+  assert report["data"]["num_clips"] == 3 and report["devices"] == {"devices": 2, "processes": 1}
+  fvd = report["fvd"]
+  assert fvd["status"].startswith("on") and fvd["clips"] == 3 and fvd["biased"] and "224x224" in fvd["protocol"]
+  for key in ("recon/model", "recon/baseline"):
+    lo, hi = fvd[key]["ci95"]
+    assert np.isfinite(fvd[key]["fvd"]) and fvd[key]["fvd"] > 0 and lo <= fvd[key]["fvd"] <= hi
+  features = np.load(out / "features.npz")
+  assert features["input"].shape == features["recon_model"].shape == (3, 400) and len(features["paths"]) == 3
+  # The features are those of the step: FVD from the saved features equals the report's.
+  from cvvae_jax.eval import fvd as fvd_lib
+  assert fvd_lib.fvd(features["input"], features["recon_model"]) == pytest.approx(fvd["recon/model"]["fvd"])
+  assert "AlexNet" in report["metric_definitions"]["lpips"] and 0 < report["results"]["recon/model"]["lpips"]["mean"]
+  stats = report["latent_statistics"]
+  assert stats["channels"] == 4 and stats["positions"]["cv"] == 3 * 3 * 4 * 6  # 3 clips x 3 latents x 4 x 6
+  assert stats["positions"]["image_all"] == 3 * stats["positions"]["image_slice"]  # 9 frames vs frames 0, 4, 8
+  assert all(k >= 0 for k in stats["image_slice"]["kl"]) and stats["image_slice"]["kl_sum"] > 0
+  offsets = report["compatibility"]["group_offset_psnr"]
+  assert sorted(offsets) == [1, 2, 3, 4] and all(3 < o["mean"] < 60 and o["n"] == 3 for o in offsets.values())
+  md = (out / "metrics.md").read_text()
+  assert "LPIPS v0.1 with the AlexNet backbone" in md and "## rFVD" in md and "| model |" in md
+  assert "KL(CV ‖ image)" in md and "frame 4(i-1)+4" in md and "biased upwards" in md
+  with Image.open(out / "compat_group.png") as im:
+    assert im.size[0] > 100
+
+
+def test_table1_protocols(golden, tmp_path):
+  webvid = cli.parse_args(["--model=m", "--data=d", "--out=o", "--protocol=webvid"])
+  assert (webvid.frames, webvid.stride, webvid.resolution, webvid.data_kind) == (33, 3, (256, 256), "video")
+  explicit = cli.parse_args(["--model=m", "--data=d", "--out=o", "--protocol=webvid", "--frames=17"])
+  assert explicit.frames == 17 and explicit.stride == 3
+  coco = config.EvalConfig.for_protocol("coco", model=golden["cvvae_sd21_tiny"], baseline=golden["sd21_image_vae_tiny"],
+                                        data="embedded:image", out=str(tmp_path / "out"), max_clips=2, batch_size=2,
+                                        lpips=False, num_samples=0, progress=False)
+  assert (coco.frames, coco.resolution, coco.data_kind, coco.protocol) == (1, (256, 256), "image", "coco")
+  report = run.evaluate(coco)
+  assert report["data"]["kind"] == "image" and report["data"]["num_clips"] == 2
+  md = (tmp_path / "out" / "metrics.md").read_text()
+  assert "| reference: the paper's CV-VAE 2D+3D (its coco data) | | | 27.60 | 0.805 |" in md
+  assert "| reference: the paper's SD2.1 image VAE (its coco data) | | | 26.60 | 0.773 |" in md
+  with pytest.raises(config.EvaluationError, match="protocol: expected one of"):
+    config.EvalConfig(model="m", data="d", out="o", protocol="kinetics")
 
 
 def test_images_are_one_frame_clips(golden, embedded_src, tmp_path):
