@@ -94,7 +94,7 @@ def run_cost(args, root: str) -> dict:
       if v != "all":
         summary[v]["all_over_this"] = summary["all"]["wall_s_median"] / summary[v]["wall_s_median"]
   return dict(model=model if args.model else "full-size SD2.1 CV-VAE, random weights",
-              baseline=baseline if args.model else "full-size SD image VAE, random weights",
+              baseline=baseline if args.model or baseline == "none" else "full-size SD image VAE, random weights",
               frames=args.frames, resolution=args.resolution, clips=args.clips, runs=runs, summary=summary)
 
 

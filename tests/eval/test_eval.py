@@ -212,12 +212,17 @@ def test_image_vae_recorded_in_a_training_workdir(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_cli_on_tiny_models_and_real_clips(golden, embedded_src, tmp_path):
-  data = tmp_path / "clips"
+def _two_real_and_one_broken(embedded_src, kind, data, broken_name, broken_bytes):
+  """A folder with the first two embedded `kind` files ("video" | "image") and one unreadable file."""
   data.mkdir()
-  for name in sorted(os.listdir(os.path.join(embedded_src, "video")))[:2]:
-    shutil.copy(os.path.join(embedded_src, "video", name), data / name)
-  (data / "broken.mp4").write_bytes(b"not a video at all")
+  for name in sorted(os.listdir(os.path.join(embedded_src, kind)))[:2]:
+    shutil.copy(os.path.join(embedded_src, kind, name), data / name)
+  (data / broken_name).write_bytes(broken_bytes)
+  return data
+
+
+def test_cli_on_tiny_models_and_real_clips(golden, embedded_src, tmp_path):
+  data = _two_real_and_one_broken(embedded_src, "video", tmp_path / "clips", "broken.mp4", b"not a video at all")
   out = tmp_path / "out"
   cmd = [sys.executable, os.path.join(REPO, "evaluate.py"), f"--model={golden['cvvae_sd21_tiny']}",
          f"--baseline={golden['sd21_image_vae_tiny']}", f"--data={data}", f"--out={out}", "--frames=5", "--stride=2",
@@ -321,11 +326,8 @@ def test_table1_protocols(golden, tmp_path):
 
 
 def test_images_are_one_frame_clips(golden, embedded_src, tmp_path):
-  data = tmp_path / "photos"
-  data.mkdir()
-  for name in sorted(os.listdir(os.path.join(embedded_src, "image")))[:2]:
-    shutil.copy(os.path.join(embedded_src, "image", name), data / name)
-  (data / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+  data = _two_real_and_one_broken(embedded_src, "image", tmp_path / "photos", "truncated.png",
+                                  b"\x89PNG\r\n\x1a\n broken")
   out = tmp_path / "out"
   report = run.evaluate(config.EvalConfig(
       model=golden["sd21_image_vae_tiny"], data=str(data), out=str(out), resolution=(32, 48), batch_size=2,

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import linalg
 
 import cvvae_jax
 from cvvae_jax.data import media
@@ -15,10 +16,12 @@ from tests.helpers import random_params
 
 
 def _reference_frechet(mu1, s1, mu2, s2):
-  """tr(sqrt(S1 S2)) as tr(sqrt(S1^1/2 S2 S1^1/2)) from symmetric eigendecompositions, float64."""
+  """tr(sqrt(S1 S2)) as tr(sqrt(S1^1/2 S2 S1^1/2)) from symmetric eigendecompositions, float64 (independent of
+  fvd.py's singular-value form)."""
   w, v = np.linalg.eigh(s1)
   root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
   inner = np.linalg.eigvalsh(root @ s2 @ root)
+  inner[inner < 1e-12 * inner.max()] = 0.0  # rounding noise of a rank-deficient product is 0, not its sqrt
   return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sum(np.sqrt(np.clip(inner, 0, None))))
 
 
@@ -40,9 +43,19 @@ def test_frechet_distance_of_random_features_matches_the_reference():
   want = _reference_frechet(*fvd.gaussian(a), *fvd.gaussian(b))
   assert fvd.fvd(a, b) == pytest.approx(want, rel=1e-9)
   assert fvd.fvd(a, a) == pytest.approx(0.0, abs=1e-9)
-  # Rank-deficient covariances (fewer clips than dimensions) take the offset path and stay finite.
+  # Full-rank covariances: SciPy's sqrtm of the product (pytorch-fid's way) agrees.
+  mu1, s1 = fvd.gaussian(a)
+  mu2, s2 = fvd.gaussian(b)
+  scipy_trace = np.trace(linalg.sqrtm(s1 @ s2).real)
+  want_scipy = float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * scipy_trace)
+  assert fvd.fvd(a, b) == pytest.approx(want_scipy, rel=1e-9)
+  # Rank-deficient covariances (fewer clips than dimensions): the features are the factors; the same value as the
+  # Gaussians' symmetric roots and the eigh reference, and exactly finite.
   few = rng.normal(size=(8, 40))
-  assert np.isfinite(fvd.fvd(few, few + 0.1)) and fvd.fvd(few, few) == pytest.approx(0.0, abs=1e-6)
+  near = few + 0.1 * rng.normal(size=few.shape)
+  assert fvd.fvd(few, near) == pytest.approx(_reference_frechet(*fvd.gaussian(few), *fvd.gaussian(near)), rel=1e-9)
+  assert fvd.fvd(few, near) == pytest.approx(fvd.frechet_distance(*fvd.gaussian(few), *fvd.gaussian(near)), rel=1e-9)
+  assert fvd.fvd(few, few) == pytest.approx(0.0, abs=1e-9)
   lo, hi = fvd.bootstrap_interval(a[:60], b[:60], resamples=30)
   assert lo < fvd.fvd(a[:60], b[:60]) < hi and (lo, hi) == fvd.bootstrap_interval(a[:60], b[:60], resamples=30)
   lo_all, hi_all = fvd.bootstrap_interval(a[:500], b, resamples=30)
