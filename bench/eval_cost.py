@@ -13,7 +13,7 @@ parity: one process with 8 fake CPU devices (`--xla_force_host_platform_device_c
   clips with a batch of 8 sharded over 8 devices and with a batch of 1 on one device (demo-size random CV-VAE and
   image VAE, 17x64x64); per-clip metrics, I3D features and latent statistics must be bitwise identical.
 
-Writes `<out>/eval_cost.json` and `<out>/eval_cost.md`. Results and reading: bench/README.md section 5.
+Writes `<out>/eval_cost.json` and `<out>/eval_cost.md`. Results and reading: bench/README.md section 4.
 """
 from __future__ import annotations
 
