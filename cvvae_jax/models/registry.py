@@ -107,3 +107,21 @@ def param_shapes(model: nn.Module) -> dict[str, jax.ShapeDtypeStruct]:
   """Flat {"a/b/kernel": ShapeDtypeStruct} of the model's params, without allocating them."""
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), example_input(model)))["params"]
   return traverse_util.flatten_dict(shapes, sep="/")
+
+
+# Parameter dtypes by name (`load_pretrained(..., param_dtype=...)`).
+PARAM_DTYPES = {**DTYPES, "float16": jnp.float16, "fp16": jnp.float16}
+
+
+def parse_param_dtype(name: Any) -> Any:
+  """A parameter dtype: float32 (the default), bfloat16 or float16, by name (as in `PARAM_DTYPES`) or as a dtype."""
+  dtype = PARAM_DTYPES.get(name) if isinstance(name, str) else name
+  try:
+    ok = dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
+                                                    jnp.dtype(jnp.float16))
+  except TypeError:
+    ok = False
+  if not ok:
+    raise ValueError(f"param_dtype: expected float32, bfloat16 or float16 (or one of {sorted(PARAM_DTYPES)}), "
+                     f"got {name!r}")
+  return dtype

@@ -75,6 +75,10 @@ class CVVAE(Autoencoder):
   """The CV-VAE video autoencoder. Video `[B, 1 + 4k, H, W, 3]` in [-1, 1] <-> latent `[B, 1 + k, H/8, W/8, C]`.
 
   An image is a 1-frame video; a 4D input `[B, H, W, 3]` is treated as T = 1.
+
+  `original_tile_size`, `original_tile_overlap`, `original_round_frames`: how the original code tiles and chunks
+  this model (its config.json's `tile_spatial_size`, `tile_overlap_ratio`, `en_de_n_frames_a_time`; None: no
+  tiling / no chunking). Nothing here reads them: `inference`'s ORIGINAL mode does.
   """
 
   variant: str = "sd21"
@@ -86,6 +90,9 @@ class CVVAE(Autoencoder):
   half_3d: bool = True
   num_groups: int = 32
   temporal_compression: int = 4
+  original_tile_size: int | None = 576  # pixels
+  original_tile_overlap: float | None = 0.2222  # fraction of the tile
+  original_round_frames: int | None = 16  # video frames per round (rounds take 1 more: 17), latents: 16 / 4
 
   def setup(self):
     style = variant_style(self.variant)

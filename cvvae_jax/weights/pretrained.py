@@ -1,8 +1,10 @@
 """Loading and saving whole models: `load_pretrained`, `save_pretrained`, and our Flax format (`save_flax`).
 
-Formats `load_pretrained(path)` accepts:
+Formats `load_pretrained(path)` accepts (`path` a local path or a Hugging Face Hub id, see `hub.py`):
   * an original PyTorch folder: `config.json` + `diffusion_pytorch_model.safetensors` of `CVVAEModel` (SD2.1
-    CV-VAE), `CVVAESD3Model` (SD3 CV-VAE) or diffusers `AutoencoderKL` (SD image VAE);
+    CV-VAE), `CVVAESD3Model` (SD3 CV-VAE) or diffusers `AutoencoderKL` (SD image VAE); float32, float16 or
+    bfloat16, one file or shards with an index, variants such as `diffusion_pytorch_model.fp16.safetensors`
+    (`weight_files.py`);
   * our Flax export (`save_flax`): `model.json` (the model spec, `models.registry`) + `params/` (an Orbax checkpoint);
   * a training workdir: the latest checkpoint under `<workdir>/checkpoints` (see `workdir.py`).
 """
@@ -16,7 +18,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from cvvae_jax.models import registry
-from cvvae_jax.weights import torch_format, workdir
+from cvvae_jax.weights import hub, torch_format, workdir
 
 MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
@@ -48,17 +50,27 @@ def load_flax(path: str, **overrides):
   return model, params
 
 
-def load_pretrained(path: str, **overrides):
+def load_pretrained(path: str, *, subfolder: str | None = None, revision: str | None = None,
+                    variant: str | None = None, cache_dir: str | None = None, local_files_only: bool = False,
+                    **overrides):
   """Loads `(model, params)` from an original PyTorch folder, our Flax export, or a training workdir.
 
-  `overrides` set run-time model fields, e.g. `dtype=jnp.bfloat16` (compute) or `remat=True`.
-  Returns a Flax module (`CVVAE` or `ImageVAE`) and its `params` pytree (float32 arrays).
+  `path` is a local path or a Hub id (`"AILab-CVC/CV-VAE", subfolder="vae3d_sd3", revision=...`; `cache_dir`,
+  `local_files_only` and `HF_HUB_OFFLINE` as in `huggingface_hub`; a local path always wins, see `hub.py`).
+  `variant="fp16"` reads `diffusion_pytorch_model.fp16.safetensors` of an original folder. `overrides` set run-time
+  model fields, e.g. `dtype=jnp.bfloat16` (compute), `param_dtype=jnp.bfloat16` (the params') or `remat=True`.
+  Returns a Flax module (`CVVAE` or `ImageVAE`) and its `params` pytree (float32 arrays unless `param_dtype`).
   """
-  path = os.fspath(path)
+  path = hub.resolve_model_path(path, subfolder=subfolder, revision=revision, variant=variant, cache_dir=cache_dir,
+                                local_files_only=local_files_only)
+  if "param_dtype" in overrides:
+    overrides["param_dtype"] = registry.parse_param_dtype(overrides["param_dtype"])
   if not os.path.exists(path):
     raise FileNotFoundError(f"no such model path: {path}")
   if torch_format.is_torch_folder(path):
-    return torch_format.load_torch_folder(path, **overrides)
+    return torch_format.load_torch_folder(path, variant=variant, **overrides)
+  if variant is not None:
+    raise ValueError(f"variant={variant!r} picks a weights file of an original PyTorch folder; {path} is not one")
   if is_flax_export(path):
     return load_flax(path, **overrides)
   if workdir.is_workdir(path):
@@ -69,6 +81,9 @@ def load_pretrained(path: str, **overrides):
                    f"workdir with {workdir.CHECKPOINTS_DIR}/; found {found}")
 
 
-def save_pretrained(model, params, out_dir: str) -> str:
-  """Writes the original PyTorch folder layout (config.json + diffusion_pytorch_model.safetensors)."""
-  return torch_format.save_torch_folder(model, params, out_dir)
+def save_pretrained(model, params, out_dir: str, *, dtype=None, variant: str | None = None) -> str:
+  """Writes the original PyTorch folder layout (config.json + diffusion_pytorch_model.safetensors).
+
+  `dtype` ("float16"/"fp16", "bfloat16"/"bf16", a dtype; None: float32) is that of the written tensors;
+  `variant="fp16"` names the file `diffusion_pytorch_model.fp16.safetensors` (diffusers' variants)."""
+  return torch_format.save_torch_folder(model, params, out_dir, dtype=dtype, variant=variant)

@@ -2,7 +2,9 @@
 
 `model_from_config` / `config_from_model` map an original `config.json` (`CVVAEModel`, `CVVAESD3Model`, diffusers
 `AutoencoderKL`) to our module and back; `load_torch_folder` / `save_torch_folder` read and write a whole folder
-through the strict rule tables of `convert.py`. Files are read and written with `safetensors.numpy`: no torch needed.
+through the strict rule tables of `convert.py`. Which weight files a folder holds (variants such as fp16, shards,
+float32 / float16 / bfloat16 tensors) is `weight_files.py`'s business; files are read and written with
+`safetensors.numpy`: no torch needed.
 """
 from __future__ import annotations
 
@@ -11,18 +13,15 @@ import json
 import os
 from typing import Any, Mapping
 
-import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
-
 from cvvae_jax.models.sd_vae import ImageVAE
 from cvvae_jax.models.vae3d import CVVAE
-from cvvae_jax.weights.convert import ConversionError, flax_to_torch, torch_to_flax
+from cvvae_jax.weights import weight_files
+from cvvae_jax.weights.convert import flax_to_torch, torch_to_flax
 
 __all__ = ["WEIGHTS_NAME", "CONFIG_NAME", "SD3_SCALING_FACTOR", "SD3_SHIFT_FACTOR", "model_from_config",
            "config_from_model", "is_torch_folder", "load_torch_folder", "save_torch_folder"]
 
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_NAME = weight_files.WEIGHTS_NAME
 CONFIG_NAME = "config.json"
 SD3_SCALING_FACTOR, SD3_SHIFT_FACTOR = 1.5305, 0.0609
 
@@ -61,6 +60,28 @@ def _require(config: Mapping[str, Any], key: str, allowed: tuple, source: str) -
     raise ValueError(f"{source}: unsupported {key}={config[key]!r}; this port supports {allowed}")
 
 
+# The original code's tiling keys, their defaults in its constructors, and our CVVAE fields.
+_TILING_KEYS = (("tile_spatial_size", 576, "original_tile_size"),
+                ("tile_overlap_ratio", 0.2222, "original_tile_overlap"),
+                ("en_de_n_frames_a_time", 16, "original_round_frames"))
+
+
+def _original_tiling(config: Mapping[str, Any], source: str) -> dict[str, Any]:
+  """The CVVAE fields of a config's tiling keys (absent: the original's defaults; null: no tiling / chunking)."""
+  tile, overlap, frames = (config.get(key, default) for key, default, _ in _TILING_KEYS)
+  tc = int(config.get("time_n_compress", 4))
+  if tile is not None and (not isinstance(tile, int) or isinstance(tile, bool) or tile < 1):
+    raise ValueError(f"{source}: tile_spatial_size must be a positive int of pixels or null, got {tile!r}")
+  if tile is not None and (not isinstance(overlap, (int, float)) or not 0 <= overlap < 0.5):
+    raise ValueError(f"{source}: tile_overlap_ratio must be a number in [0, 0.5) when tile_spatial_size is set, got "
+                     f"{overlap!r}")
+  if frames is not None and (not isinstance(frames, int) or isinstance(frames, bool) or frames < tc or frames % tc):
+    raise ValueError(f"{source}: en_de_n_frames_a_time must be a positive multiple of time_n_compress={tc} or null, "
+                     f"got {frames!r}")
+  return {"original_tile_size": tile, "original_tile_overlap": None if overlap is None else float(overlap),
+          "original_round_frames": frames}
+
+
 def model_from_config(config: Mapping[str, Any], source: str = "config.json", **overrides):
   """Builds our Flax model (`CVVAE` or `ImageVAE`) from an original `config.json` dict.
 
@@ -78,7 +99,8 @@ def model_from_config(config: Mapping[str, Any], source: str = "config.json", **
                   layers_per_block=int(config.get("num_res_blocks", 2)),
                   latent_channels=int(config.get("z_channels", 4)), in_channels=int(config.get("in_channels", 3)),
                   out_channels=int(config.get("out_ch", 3)), half_3d=bool(config.get("half_3d", True)),
-                  scaling_factor=float(config.get("scaling_factor", 0.18215)), shift_factor=0.0)
+                  scaling_factor=float(config.get("scaling_factor", 0.18215)), shift_factor=0.0,
+                  **_original_tiling(config, source))
     model = CVVAE(**{**fields, **overrides})
   elif cls == "CVVAESD3Model":
     for key, allowed in (("double_z", (True,)), ("causal_encoder", (True,)), ("causal_decoder", (False,)),
@@ -89,7 +111,8 @@ def model_from_config(config: Mapping[str, Any], source: str = "config.json", **
                   latent_channels=int(config.get("out_channels", 16)), in_channels=int(config.get("in_channels", 3)),
                   half_3d=bool(config.get("half_3d", True)), num_groups=int(config.get("norm_num_groups", 32)),
                   scaling_factor=float(config.get("scaling_factor") or SD3_SCALING_FACTOR),
-                  shift_factor=float(config.get("shift_factor") or SD3_SHIFT_FACTOR))
+                  shift_factor=float(config.get("shift_factor") or SD3_SHIFT_FACTOR),
+                  **_original_tiling(config, source))
     model = CVVAE(**{**fields, **overrides})
   elif cls == "AutoencoderKL":
     for key, allowed in (("act_fn", ("silu",)), ("mid_block_add_attention", (True,))):
@@ -123,7 +146,8 @@ def config_from_model(model) -> dict[str, Any]:
     cfg.update(ch=ch, ch_mult=[c // ch for c in model.block_out_channels], num_res_blocks=model.layers_per_block,
                z_channels=model.latent_channels, in_channels=model.in_channels, out_ch=model.out_channels,
                half_3d=model.half_3d, scaling_factor=model.scaling_factor,
-               spatial_n_compress=model.spatial_compression, time_n_compress=model.temporal_compression)
+               spatial_n_compress=model.spatial_compression, time_n_compress=model.temporal_compression,
+               **{key: getattr(model, field) for key, _, field in _TILING_KEYS})
     return cfg
   if isinstance(model, CVVAE) and model.variant == "sd3":
     cfg = copy.deepcopy(_CVVAE_SD3_CONFIG)
@@ -132,7 +156,8 @@ def config_from_model(model) -> dict[str, Any]:
                out_channels=model.latent_channels, in_channels=model.in_channels, half_3d=model.half_3d,
                norm_num_groups=model.num_groups, down_block_types=["DownEncoderBlock3D"] * n,
                up_block_types=["UpDecoderBlock3D"] * n, spatial_n_compress=model.spatial_compression,
-               time_n_compress=model.temporal_compression)
+               time_n_compress=model.temporal_compression,
+               **{key: getattr(model, field) for key, _, field in _TILING_KEYS})
     if (model.scaling_factor, model.shift_factor) != (SD3_SCALING_FACTOR, SD3_SHIFT_FACTOR):
       cfg.update(scaling_factor=model.scaling_factor, shift_factor=model.shift_factor)
     return cfg
@@ -152,43 +177,47 @@ def config_from_model(model) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Folders in the original layout: config.json + diffusion_pytorch_model.safetensors
+# Folders in the original layout: config.json + diffusion_pytorch_model[.<variant>].safetensors (or shards)
 
 
 def is_torch_folder(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, CONFIG_NAME)) and os.path.isfile(os.path.join(path, WEIGHTS_NAME))
+  """A folder with `config.json` and a weights file of any kind `weight_files` knows (pickles included, so that
+  loading names them)."""
+  return os.path.isfile(os.path.join(path, CONFIG_NAME)) and weight_files.has_weights(path)
 
 
-def load_torch_folder(path: str, **overrides):
-  """Reads an original PyTorch folder -> (model, params). `overrides` set model fields (e.g. dtype)."""
-  config_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
-  for p in (config_path, weights_path):
-    if not os.path.isfile(p):
-      raise FileNotFoundError(f"expected an original PyTorch folder with {CONFIG_NAME} and {WEIGHTS_NAME}; "
-                              f"missing {p}")
+def load_torch_folder(path: str, variant: str | None = None, **overrides):
+  """Reads an original PyTorch folder -> (model, params).
+
+  `variant` picks `diffusion_pytorch_model.<variant>.safetensors` (or its shard index), as diffusers'
+  `from_pretrained(variant=...)`. The file may hold float32, float16 or bfloat16 tensors; params come out in the
+  model's `param_dtype` (float32 unless `overrides` say `param_dtype=...`). `overrides` set model fields.
+  """
+  config_path = os.path.join(path, CONFIG_NAME)
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"expected an original PyTorch folder with {CONFIG_NAME} and "
+                            f"{weight_files.weights_name(variant)}; missing {config_path}")
+  found = weight_files.find_weights(path, variant)
   try:
     with open(config_path) as f:
       config = json.load(f)
   except json.JSONDecodeError as e:
     raise ValueError(f"{config_path} is not valid JSON: {e}") from e
   model = model_from_config(config, source=config_path, **overrides)
-  try:
-    state_dict = load_file(weights_path)
-  except (SafetensorError, OSError, ValueError) as e:
-    raise ValueError(f"cannot read {weights_path} as safetensors: {e}") from e
-  bad = [k for k, v in state_dict.items() if v.dtype not in (np.float32, np.float16)]
-  if bad:
-    raise ConversionError(f"{weights_path}: expected float tensors, got {[(k, state_dict[k].dtype) for k in bad]}")
-  return model, torch_to_flax(state_dict, model, source=weights_path)
+  state_dict = weight_files.read_state_dict(found)
+  return model, torch_to_flax(state_dict, model, source=found.name)
 
 
-def save_torch_folder(model, params, path: str) -> str:
-  """Writes (model, params) as an original PyTorch folder that the original code loads with strict keys."""
+def save_torch_folder(model, params, path: str, dtype: Any = None, variant: str | None = None) -> str:
+  """Writes (model, params) as an original PyTorch folder that the original code loads with strict keys.
+
+  `dtype` (None: float32; "float16"/"fp16", "bfloat16"/"bf16" or a dtype) is the dtype of the written tensors
+  (rounded to nearest even); `variant` names the file `diffusion_pytorch_model.<variant>.safetensors`.
+  """
+  dtype = weight_files.parse_save_dtype(dtype)
+  weight_files.check_variant(variant)
   state_dict = flax_to_torch(params, model)
-  os.makedirs(path, exist_ok=True)
-  tmp = os.path.join(path, WEIGHTS_NAME + ".tmp")
-  save_file(state_dict, tmp)
-  os.replace(tmp, os.path.join(path, WEIGHTS_NAME))
+  weight_files.write_state_dict(state_dict, path, dtype=dtype, variant=variant)
   with open(os.path.join(path, CONFIG_NAME), "w") as f:
     json.dump(config_from_model(model), f, indent=2, sort_keys=True)
   return path
