@@ -11,7 +11,8 @@ Pure, jittable functions for JAX diffusion code (latents are *scaled*: `(z - shi
 
 `tiling` (a `TilingConfig`, see `plan.py`) switches chunking and tiling: the default (TILED, 17-frame chunks, 576-pixel
 tiles) changes nothing for inputs that fit in one chunk and one tile; `TilingConfig(mode="original")` reproduces the
-original code's latents; `TilingConfig(mode="exact")` never splits a video. `dtype=jnp.bfloat16` computes in bf16
+original code's latents, with the tile size, overlap and rounds of the model's own config.json (`original_settings`;
+sizes given explicitly win); `TilingConfig(mode="exact")` never splits a video. `dtype=jnp.bfloat16` computes in bf16
 with float32 parameters. Under a mesh, shard the batch axis of the input (`jax.jit(..., in_shardings=...)`).
 
 For long or large videos from the host, `encode_streaming` / `decode_streaming` run the same plan chunk by chunk
@@ -83,6 +84,15 @@ class Coder:
     return self.model.apply(variables, x, method="decode")
 
 
+def original_settings(model) -> plan_lib.OriginalSettings:
+  """How the original code tiles `model`: a CVVAE's `original_*` fields (from its config.json when it was loaded from
+  an original folder, from `model.json` for our export); for the image VAE, the released CV-VAE settings."""
+  if isinstance(model, CVVAE):
+    return plan_lib.OriginalSettings(model.original_tile_size, model.original_tile_overlap,
+                                     model.original_round_frames, model.temporal_compression)
+  return plan_lib.OriginalSettings()
+
+
 def _as_5d(x, image_mode: bool, what: str, channels: int):
   """-> (5D array, whether the input was a 4D batch of images)."""
   if x.ndim == 4 and image_mode:
@@ -106,7 +116,7 @@ def _prepare(model, params, x, tiling, image_mode, encoder, dtype):
   image_mode = _image_mode(model, image_mode) or x.ndim == 4  # a 4D input is a batch of images
   x5, was_4d = _as_5d(x, image_mode, "video" if encoder else "latents", channels)
   coder = Coder(model, encoder, image_mode)
-  tiling = TilingConfig() if tiling is None else tiling
+  tiling = (TilingConfig() if tiling is None else tiling).resolve(original_settings(model))
   plan = plan_lib.make_plan(tiling, coder.geometry, x5.shape)
   return coder, plan, x5, was_4d
 
@@ -199,7 +209,8 @@ def plan_for(model, shape, *, encoder: bool, tiling: TilingConfig | None = None,
   image_mode = _image_mode(model, image_mode) or len(shape) == 4
   shape = tuple(shape) if len(shape) == 5 else (shape[0], 1, *shape[1:])
   coder = Coder(model, encoder, image_mode)
-  return plan_lib.make_plan(TilingConfig() if tiling is None else tiling, coder.geometry, shape)
+  tiling = (TilingConfig() if tiling is None else tiling).resolve(original_settings(model))
+  return plan_lib.make_plan(tiling, coder.geometry, shape)
 
 
 # The top-level params each direction reads (CVVAE: encoder / decoder; ImageVAE: plus its quant convs).

@@ -21,7 +21,11 @@ as many image pixels. Three modes (`Mode`):
   ORIGINAL  The original code's `tiled_encode` / `tiled_decode` exactly: rounds of 16 frames / 4 latents (the last
             one shorter), tiles taken every 448 px / 56 latents and cut off at the border, sequential in-place
             blends (top, then left, with w = k / overlap on the new tile) over 16 latents / 128 pixels, crop to the
-            stride, concatenate. Tiles and chunks come in up to 2 x 4 shapes, so up to 8 compilations.
+            stride, concatenate. Tiles and chunks come in up to 2 x 4 shapes, so up to 8 compilations. These are
+            the released models' numbers; the original takes them from the model's config.json
+            (`tile_spatial_size`, `tile_overlap_ratio`, `en_de_n_frames_a_time`), and so does this mode: sizes not
+            given explicitly are `FROM_MODEL` and `TilingConfig.resolve(OriginalSettings(...))` fills them in
+            (`inference.api` does, from the model's fields; `make_plan` alone uses the released numbers).
 
 Where tiled output differs from untiled output: GroupNorm normalizes over (T, H, W) jointly, so any chunk or tile
 that does not cover the whole input sees different statistics; the decoder's temporal attention also spans the chunk
@@ -40,7 +44,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["Mode", "TilingConfig", "DEFAULT", "add_tiling_arguments", "Geometry", "Span", "SpatialPlan", "Plan",
+__all__ = ["Mode", "FROM_MODEL", "OriginalSettings", "TilingConfig", "DEFAULT",
+           "add_tiling_arguments", "Geometry", "Span", "SpatialPlan", "Plan",
            "even_spans", "original_spans", "original_tile_numbers", "make_plan", "blend_windows"]
 
 class Mode(enum.Enum):
@@ -58,65 +63,126 @@ class Mode(enum.Enum):
       raise ValueError(f"unknown tiling mode {value!r}; expected one of {[m.value for m in cls]}") from None
 
 
+class FromModel(enum.Enum):
+  """The default of a `TilingConfig` size in ORIGINAL mode: the model's own setting (`TilingConfig.resolve`)."""
+
+  FROM_MODEL = "from_model"
+
+  def __repr__(self) -> str:
+    return "FROM_MODEL"
+
+
+FROM_MODEL = FromModel.FROM_MODEL
+_SIZES = ("encode_chunk_frames", "decode_chunk_latents", "tile_size", "overlap")
+
+
+@dataclasses.dataclass(frozen=True)
+class OriginalSettings:
+  """How the original code tiles and chunks one model: its config.json's `tile_spatial_size` (`tile_size` pixels;
+  None: no tiling), `tile_overlap_ratio` (`overlap`) and `en_de_n_frames_a_time` (`round_frames`: video frames per
+  round, rounds take one more; None: no chunking). The defaults are the released models' (576, 0.2222, 16)."""
+
+  tile_size: int | None = 576
+  overlap: float | None = 0.2222
+  round_frames: int | None = 16
+  temporal_compression: int = 4
+
+  def sizes(self) -> dict:
+    """The `TilingConfig` sizes of these settings: chunks of `round_frames + 1` frames / `round_frames / 4 + 1`
+    latents (released: 17 / 5), `tile_size` pixels overlapping by `overlap`."""
+    rf, tc = self.round_frames, self.temporal_compression
+    if rf is not None and (rf < tc or rf % tc):
+      raise ValueError(f"original round of {rf} frames: expected a positive multiple of {tc}")
+    return {"encode_chunk_frames": None if rf is None else rf + 1,
+            "decode_chunk_latents": None if rf is None else rf // tc + 1, "tile_size": self.tile_size,
+            "overlap": 0.2222 if self.overlap is None else float(self.overlap)}
+
+
 @dataclasses.dataclass(frozen=True)
 class TilingConfig:
   """How to split a video (static, hashable: usable as a `jax.jit` static argument).
 
   Attributes:
     mode: see `Mode`.
-    encode_chunk_frames: video frames per encoder chunk, 1 + 4m (original: 17); None: no temporal chunking.
-    decode_chunk_latents: latent frames per decoder chunk, 1 + m (original: 5); None: no temporal chunking.
+    encode_chunk_frames: video frames per encoder chunk, 1 + 4m (default 17); None: no temporal chunking.
+    decode_chunk_latents: latent frames per decoder chunk, 1 + m (default 5); None: no temporal chunking.
     frame_chunk: frames per pass in image mode (every mode; exact); None: all frames at once.
-    tile_size: spatial tile in pixels (original: 576; `tile_size / 8` latents); None: no spatial tiling.
-    overlap: tile overlap as a fraction of the tile (original: 0.2222).
+    tile_size: spatial tile in pixels (default 576; `tile_size / 8` latents); None: no spatial tiling.
+    overlap: tile overlap as a fraction of the tile (default 0.2222).
+  The four sizes default to `FROM_MODEL`: in TILED and EXACT mode that is the default above; in ORIGINAL mode it is
+  the model's own setting (`resolve`), the default above for the released models. Explicit values always win.
   """
 
   mode: Mode = Mode.TILED
-  encode_chunk_frames: int | None = 17
-  decode_chunk_latents: int | None = 5
+  encode_chunk_frames: int | None | FromModel = FROM_MODEL
+  decode_chunk_latents: int | None | FromModel = FROM_MODEL
   frame_chunk: int | None = 8
-  tile_size: int | None = 576
-  overlap: float = 0.2222
+  tile_size: int | None | FromModel = FROM_MODEL
+  overlap: float | FromModel = FROM_MODEL
 
   def __post_init__(self):
     object.__setattr__(self, "mode", Mode.parse(self.mode))
+    if self.mode is not Mode.ORIGINAL:
+      for name, value in OriginalSettings().sizes().items():
+        if getattr(self, name) is FROM_MODEL:
+          object.__setattr__(self, name, value)
     for name in ("encode_chunk_frames", "decode_chunk_latents", "frame_chunk", "tile_size"):
       value = getattr(self, name)
-      if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+      if value is not None and value is not FROM_MODEL and (not isinstance(value, (int, np.integer)) or value < 1):
         raise ValueError(f"TilingConfig.{name} must be a positive int or None, got {value!r}")
-    if self.decode_chunk_latents is not None and self.decode_chunk_latents < 2:
+    if self.decode_chunk_latents not in (None, FROM_MODEL) and self.decode_chunk_latents < 2:
       raise ValueError(f"TilingConfig.decode_chunk_latents must be >= 2 (chunks overlap by one latent), got "
                        f"{self.decode_chunk_latents}")
-    if not 0.0 <= self.overlap < 0.5:
+    if self.overlap is not FROM_MODEL and not 0.0 <= self.overlap < 0.5:
       raise ValueError(f"TilingConfig.overlap must be in [0, 0.5), got {self.overlap}")
 
+  @property
+  def follows_model(self) -> bool:
+    """Whether some size is still `FROM_MODEL` (ORIGINAL mode, not given explicitly)."""
+    return any(getattr(self, name) is FROM_MODEL for name in _SIZES)
+
+  def resolve(self, original: OriginalSettings | None = None) -> "TilingConfig":
+    """This config with every `FROM_MODEL` size taken from `original` (default: the released models' settings)."""
+    if not self.follows_model:
+      return self
+    sizes = (original or OriginalSettings()).sizes()
+    return dataclasses.replace(self, **{n: sizes[n] for n in _SIZES if getattr(self, n) is FROM_MODEL})
 
   @classmethod
-  def from_options(cls, mode: "Mode | str" = Mode.TILED, tile: int = 576, chunk: int = 17,
-                   overlap: float = 0.2222) -> "TilingConfig":
+  def from_options(cls, mode: "Mode | str" = Mode.TILED, tile: int | None = None, chunk: int | None = None,
+                   overlap: float | None = None) -> "TilingConfig":
     """From the command-line options (`add_tiling_arguments`): `tile` pixels (0: no spatial tiling), encoder
-    `chunk` frames, 1 + 4m (0: no temporal chunking; the decoder then takes chunks of 1 + m latents)."""
+    `chunk` frames, 1 + 4m (0: no temporal chunking; the decoder then takes chunks of 1 + m latents), `overlap`;
+    None: the default (ORIGINAL mode: the model's)."""
     if chunk and chunk % 4 != 1:
       raise ValueError(f"chunk: expected 1 + 4m frames (or 0 for no chunking), got {chunk}")
-    return cls(mode=mode, encode_chunk_frames=chunk or None, decode_chunk_latents=(chunk - 1) // 4 + 1 if chunk
-               else None, tile_size=tile or None, overlap=overlap)
+    if chunk is None:
+      frames = latents = FROM_MODEL
+    else:
+      frames, latents = (chunk, (chunk - 1) // 4 + 1) if chunk else (None, None)
+    return cls(mode=mode, encode_chunk_frames=frames, decode_chunk_latents=latents,
+               tile_size=FROM_MODEL if tile is None else tile or None,
+               overlap=FROM_MODEL if overlap is None else overlap)
 
 
 DEFAULT = TilingConfig()
 
 
-def add_tiling_arguments(parser: argparse.ArgumentParser, aliases: Mapping[str, Sequence[str]] = {}) -> None:
+def add_tiling_arguments(parser: argparse.ArgumentParser, aliases: Mapping[str, Sequence[str]] = {},
+                         follow_model: bool = False) -> None:
   """--tiling, --tile, --chunk, --overlap with the defaults of `TilingConfig` (see `TilingConfig.from_options`);
-  `aliases` adds older names of a flag."""
+  `aliases` adds older names of a flag. `follow_model`: the sizes default to None (`from_options`: the default, in
+  ORIGINAL mode the model's) instead of the TILED numbers."""
   parser.add_argument("--tiling", *aliases.get("--tiling", ()), default=DEFAULT.mode.value, choices=[m.value for m in Mode],
                       help="chunking/tiling mode: tiled (ours), original (the original code's), exact (no splits)")
-  parser.add_argument("--tile", type=int, default=DEFAULT.tile_size,
-                      help=f"spatial tile in pixels (0: no tiling; default {DEFAULT.tile_size})")
-  parser.add_argument("--chunk", type=int, default=DEFAULT.encode_chunk_frames,
-                      help=f"frames per encoder chunk, 1 + 4m (0: no chunking; default {DEFAULT.encode_chunk_frames});"
-                      " the decoder uses chunks of 1 + m latents")
-  parser.add_argument("--overlap", type=float, default=DEFAULT.overlap,
-                      help=f"tile overlap ratio (default {DEFAULT.overlap})")
+  model = "; original mode: the model's config.json" if follow_model else ""
+  parser.add_argument("--tile", type=int, default=None if follow_model else DEFAULT.tile_size,
+                      help=f"spatial tile in pixels (0: no tiling; default {DEFAULT.tile_size}{model})")
+  parser.add_argument("--chunk", type=int, default=None if follow_model else DEFAULT.encode_chunk_frames,
+                      help=f"frames per encoder chunk, 1 + 4m (0: no chunking; default {DEFAULT.encode_chunk_frames}"
+                      f"{model}); the decoder uses chunks of 1 + m latents")
+  parser.add_argument("--overlap", type=float, default=None if follow_model else DEFAULT.overlap,
+                      help=f"tile overlap ratio (default {DEFAULT.overlap}{model})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,7 +335,9 @@ def original_tile_numbers(tile_size: int, overlap: float, spatial: int, encodes:
 
 
 def make_plan(config: TilingConfig, geometry: Geometry, shape: Sequence[int]) -> Plan:
-  """The chunks and tiles for an input of `shape` `[B, T, H, W, C]` under `config`."""
+  """The chunks and tiles for an input of `shape` `[B, T, H, W, C]` under `config` (sizes still `FROM_MODEL`: the
+  released models' settings; `inference.api` resolves them from the model first)."""
+  config = config.resolve()
   grid = geometry.latent_grid(shape)
   n_t, n_h, n_w = grid
   mode = config.mode
