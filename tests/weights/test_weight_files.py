@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 import cvvae_jax
 from cvvae_jax.models import registry
-from cvvae_jax.weights import convert, torch_format, weight_files
+from cvvae_jax.weights import cli, convert, torch_format, weight_files
 
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -152,7 +152,8 @@ def test_sharded_files_are_strict_and_name_the_file(folder, tmp_path):
     cvvae_jax.load_pretrained(bad)
 
   moved = {k: "diffusion_pytorch_model-00001-of-00002.safetensors" for k in keys}  # index says: all in shard 1
-  with pytest.raises(convert.ConversionError, match=r"shard .*00001-of-00002\.safetensors does not match .*index\.json: "
+  with pytest.raises(convert.ConversionError, match=r"shard .*00001-of-00002\.safetensors does not match "
+                     r".*index\.json: "
                      r"the index assigns .* to it, but it lacks them"):
     cvvae_jax.load_pretrained(write(tmp_path / "wrong_map", shards, moved))
 
@@ -253,3 +254,15 @@ def test_bad_dtype_and_variant_arguments_are_errors(folder, tmp_path):
   for k, v in flat.items():
     np.testing.assert_array_equal(v, ref[k].astype(ml_dtypes.bfloat16), err_msg=k)
   assert torch_format.is_torch_folder(out) and not torch_format.is_torch_folder(flax_dir)
+
+
+def test_convert_command_line_writes_half_precision(folder, tmp_path, capsys):
+  assert cli.main([folder, str(tmp_path / "bf16"), "--to", "torch", "--dtype", "bf16"]) == 0
+  assert "ImageVAE" in capsys.readouterr().out
+  sd = safetensors_torch.load_file(str(tmp_path / "bf16" / weight_files.WEIGHTS_NAME))
+  ref = safetensors_torch.load_file(os.path.join(folder, weight_files.WEIGHTS_NAME))
+  assert set(sd) == set(ref) and all(sd[k].dtype == torch.bfloat16 and torch.equal(sd[k], ref[k].bfloat16())
+                                     for k in sd)
+  assert cli.main([folder, str(tmp_path / "f"), "--to", "flax", "--dtype", "fp16"]) == 2
+  assert "error: --dtype is for --to torch" in capsys.readouterr().err
+
