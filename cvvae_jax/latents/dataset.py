@@ -60,7 +60,7 @@ class LatentDataset:
     clips: the clip number (in the encode command's clip list) of each stored record, in storage order.
   """
 
-  def __init__(self, directory: str):
+  def __init__(self, directory: str, *, cache: bool = False):
     self.directory = os.fspath(directory)
     self.info = records.read_info(self.directory)
     self.shape, self.dtype = records.latent_layout(self.info)
@@ -81,6 +81,13 @@ class LatentDataset:
     self._readers: dict[int, ArrayRecordReader] = {}
     if not len(self):
       raise ValueError(f"{self.directory}: no clip was stored (all skipped?); see latents.json")
+    self.cached: np.ndarray | None = None  # [N, 2, 1+k, h, w, C]: mean and logvar of every clip, with cache=True
+    if cache:
+      self.cached = np.empty((len(self), 2, *self.shape), self.dtype)
+      for shard in range(count):
+        rows = np.flatnonzero(self._shard == shard)
+        for row, record in zip(rows, self._reader(shard).read(0, len(rows))):
+          self.cached[row] = records.arrays(record, self.shape, self.dtype)
 
   def __len__(self) -> int:
     return len(self._shard)
@@ -107,16 +114,26 @@ class LatentDataset:
     mean, logvar = records.arrays(self.read([index])[0], self.shape, self.dtype)
     return mean.copy(), logvar.copy()
 
+  def posteriors(self, indices) -> np.ndarray:
+    """`[len(indices), 2, 1+k, h, w, C]`: mean and logvar of stored clips `indices` (from memory with cache=True)."""
+    if self.cached is not None:
+      return self.cached[np.asarray(indices, np.int64)]
+    out = np.empty((len(indices), 2, *self.shape), self.dtype)
+    for row, record in enumerate(self.read(indices)):
+      out[row] = records.arrays(record, self.shape, self.dtype)
+    return out
+
   def metadata(self, index: int) -> dict[str, Any]:
     """{"clip", "video", "path", "frames", "fps"} of stored clip `index`."""
     return records.unpack(self.read([index])[0], self.shape, self.dtype)[0]
 
   def batches(self, batch_size: int, *, seed: int = 0, rng=None, shuffle: bool = True, start_step: int = 0,
-              num_epochs: int | None = None, process_index: int | None = None,
-              process_count: int | None = None) -> LatentIterator:
+              num_epochs: int | None = None, process_index: int | None = None, process_count: int | None = None,
+              with_logvar: bool = False) -> LatentIterator:
     """See `dataset`."""
     return LatentIterator(self, batch_size, seed=seed, rng=rng, shuffle=shuffle, start_step=start_step,
-                          num_epochs=num_epochs, process_index=process_index, process_count=process_count)
+                          num_epochs=num_epochs, process_index=process_index, process_count=process_count,
+                          with_logvar=with_logvar)
 
 
 class LatentIterator:
@@ -124,7 +141,9 @@ class LatentIterator:
   (b = batch_size / process_count; "index" is the stored position, for `LatentDataset.metadata`)."""
 
   def __init__(self, data: LatentDataset, batch_size: int, *, seed: int, rng, shuffle: bool, start_step: int,
-               num_epochs: int | None, process_index: int | None, process_count: int | None):
+               num_epochs: int | None, process_index: int | None, process_count: int | None,
+               with_logvar: bool = False):
+    self._with_logvar = bool(with_logvar)
     p = jax.process_index() if process_index is None else int(process_index)
     n_p = jax.process_count() if process_count is None else int(process_count)
     if not 0 <= p < n_p:
@@ -163,18 +182,19 @@ class LatentIterator:
     positions = self.positions(self.step)
     epochs, offsets = np.divmod(positions, n)
     index = np.array([self._permutation(int(e))[o] for e, o in zip(epochs, offsets)], np.int64)
-    out = np.empty((self._b, *self.data.shape), np.float32)
-    scale, shift = np.float32(self.data.scaling_factor), np.float32(self.data.shift_factor)
-    for row, (record, g) in enumerate(zip(self.data.read(index), positions)):
-      mean, logvar = records.arrays(record, self.data.shape, self.data.dtype)
-      if self._noise is None:
-        z = mean
-      else:
-        eps = np.random.default_rng([*self._noise, _TAG_NOISE, int(g)]).standard_normal(self.data.shape, np.float32)
-        z = mean + np.exp(np.float32(0.5) * logvar) * eps
-      np.multiply(z - shift, scale, out=out[row])
+    posterior = self.data.posteriors(index)
+    z = posterior[:, 0]
+    if self._noise is not None:
+      eps = np.stack([np.random.default_rng([*self._noise, _TAG_NOISE, int(g)]).standard_normal(self.data.shape,
+                                                                                              np.float32)
+                      for g in positions])
+      z = z + np.exp(np.float32(0.5) * posterior[:, 1]) * eps
+    z = (z - np.float32(self.data.shift_factor)) * np.float32(self.data.scaling_factor)
     self.step += 1
-    return {"latents": out, "clip": self.data.clips[index], "index": index}
+    out = {"latents": z.astype(np.float32, copy=False), "clip": self.data.clips[index], "index": index}
+    if self._with_logvar:
+      out["logvar"] = posterior[:, 1]
+    return out
 
   def state(self) -> dict[str, int]:
     """What a checkpoint needs to resume: `dataset(..., start_step=state["step"])`."""
@@ -182,8 +202,8 @@ class LatentIterator:
 
 
 def dataset(directory: str, batch_size: int, *, seed: int = 0, rng=None, shuffle: bool = True, start_step: int = 0,
-            num_epochs: int | None = None, process_index: int | None = None,
-            process_count: int | None = None) -> LatentIterator:
+            num_epochs: int | None = None, process_index: int | None = None, process_count: int | None = None,
+            cache: bool = False, with_logvar: bool = False) -> LatentIterator:
   """Per-host batches of scaled latents from a folder written by `cvvae-encode-latents` (see the module docstring).
 
   Args:
@@ -195,10 +215,16 @@ def dataset(directory: str, batch_size: int, *, seed: int = 0, rng=None, shuffle
     start_step: the first step to yield (resume).
     num_epochs: stop after this many passes (the last partial global batch dropped); None: forever.
     process_index, process_count: this host and the number of hosts (default: from jax).
+    cache: read every record into memory once (sequentially) and batch from there: for datasets that fit in this
+      host's memory (N x 2 x the latent's bytes); the batches are the same.
+    with_logvar: also yield the posterior's log-variance, "logvar" float32 [b, 1+k, h, w, C] (unscaled), to draw
+      samples on the devices, `latents + scaling_factor * exp(logvar / 2) * jax.random.normal(...)` (with
+      rng=None), where host-side noise would be the loader's bottleneck.
   Returns:
     An iterator of `{"latents": float32 [b, 1+k, h, w, C], "clip": int64 [b], "index": int64 [b]}`; `.step`,
     `.state()`; `.data` is the `LatentDataset` (latents.json as `.data.info`).
   """
-  return LatentDataset(directory).batches(batch_size, seed=seed, rng=rng, shuffle=shuffle, start_step=start_step,
-                                          num_epochs=num_epochs, process_index=process_index,
-                                          process_count=process_count)
+  return LatentDataset(directory, cache=cache).batches(batch_size, seed=seed, rng=rng, shuffle=shuffle,
+                                                       start_step=start_step, num_epochs=num_epochs,
+                                                       process_index=process_index, process_count=process_count,
+                                                       with_logvar=with_logvar)

@@ -101,6 +101,13 @@ def test_loader_batches_are_the_scaled_stored_posterior(encoded):
   key = next(latents.dataset(out, 4, seed=1, rng=jax.random.key(7)))
   assert key["latents"].shape == (4, *SHAPE)
 
+  # From the in-memory copy: the same batches; with_logvar: the stored log-variance for sampling on the devices.
+  cached = latents.dataset(out, 4, seed=1, rng=7, cache=True, with_logvar=True)
+  for batch in latents.dataset(out, 4, seed=1, rng=7, num_epochs=1):
+    other = next(cached)
+    np.testing.assert_array_equal(other["latents"], batch["latents"])
+    np.testing.assert_array_equal(other["logvar"], np.stack([data.posterior(i)[1] for i in batch["index"]]))
+
 
 def test_loader_resumes_from_a_step_and_splits_over_hosts(encoded):
   out, _ = encoded
