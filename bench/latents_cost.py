@@ -113,7 +113,7 @@ def write_synthetic_latents(out: str, num_clips: int = 512, per_shard: int = 128
 
 def loader_worker(root: str, batches: int) -> dict:
   """In a subprocess pinned to one core: batches/s of the loader, mean and sampled."""
-  os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+  os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
   from cvvae_jax import latents
 
   out = {}

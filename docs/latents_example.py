@@ -11,20 +11,20 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")  # before JAX starts
 
-import argparse  # noqa: E402
-import functools  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
+import argparse
+import functools
+import sys
+import tempfile
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-import cvvae_jax  # noqa: E402
-from cvvae_jax import encode_latents, inference, latents  # noqa: E402
+import cvvae_jax
+from cvvae_jax import encode_latents, inference, latents
 
 
 class Denoiser(nn.Module):

@@ -5,8 +5,8 @@ read scaled latents back in deterministic, resumable, per-host batches (`dataset
     ds = cvvae_jax.latents.dataset(DIR, batch_size=64, rng=0)   # batch["latents"] [B / P, 1+k, h, w, C], scaled
     video = inference.decode(vae, params, batch["latents"])     # back to frames
 
-`records` holds the format (ArrayRecord shards + latents.json). Importing this package loads neither the models
-nor TensorFlow (`encode` does, when imported).
+`records` holds the format (ArrayRecord shards + latents.json). The loader (`dataset`, `records`) imports neither
+the models' code nor TensorFlow (`cvvae_jax` itself loads the models); `encode` needs both.
 """
 from cvvae_jax.latents.dataset import LatentDataset, LatentIterator, dataset, unscale
 from cvvae_jax.latents.records import read_info

@@ -182,16 +182,23 @@ class LatentIterator:
     positions = self.positions(self.step)
     epochs, offsets = np.divmod(positions, n)
     index = np.array([self._permutation(int(e))[o] for e, o in zip(epochs, offsets)], np.int64)
-    posterior = self.data.posteriors(index)
-    z = posterior[:, 0]
-    if self._noise is not None:
-      eps = np.stack([np.random.default_rng([*self._noise, _TAG_NOISE, int(g)]).standard_normal(self.data.shape,
-                                                                                              np.float32)
-                      for g in positions])
-      z = z + np.exp(np.float32(0.5) * posterior[:, 1]) * eps
-    z = (z - np.float32(self.data.shift_factor)) * np.float32(self.data.scaling_factor)
+    cached = self.data.cached
+    if cached is not None and self._noise is None and not self._with_logvar:
+      z = cached[index, 0]  # only the means are copied
+    else:
+      posterior = self.data.posteriors(index)
+      z = posterior[:, 0]
+      if self._noise is not None:
+        eps = np.stack([np.random.default_rng([*self._noise, _TAG_NOISE, int(g)]).standard_normal(self.data.shape,
+                                                                                                np.float32)
+                        for g in positions])
+        z = z + np.exp(np.float32(0.5) * posterior[:, 1]) * eps
+    z = np.asarray(z, np.float32)
+    if self.data.shift_factor:  # x - 0 is x: skipping it changes no bit
+      np.subtract(z, np.float32(self.data.shift_factor), out=z)
+    np.multiply(z, np.float32(self.data.scaling_factor), out=z)
     self.step += 1
-    out = {"latents": z.astype(np.float32, copy=False), "clip": self.data.clips[index], "index": index}
+    out = {"latents": z, "clip": self.data.clips[index], "index": index}
     if self._with_logvar:
       out["logvar"] = posterior[:, 1]
     return out

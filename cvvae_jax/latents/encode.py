@@ -204,8 +204,8 @@ class ShardWriter:
 
 
 def _remove_stale(out: str, shards: list[int], count: int) -> None:
-  """Temporary files a killed run left for these shards."""
-  stems = {records.shard_stem(s, count) for s in shards}
+  """Temporary files a killed run left for these shards (and, on process 0, for latents.json)."""
+  stems = {records.shard_stem(s, count) for s in shards} | ({"latents"} if jax.process_index() == 0 else set())
   for name in os.listdir(out):
     if records.TMP_MARK in name and name.split(".", 1)[0] in stems:
       os.remove(os.path.join(out, name))
