@@ -22,13 +22,15 @@ MAY_IMPORT = {
     "inference": {"models", "data", "weights"},
     "train": {"models", "data", "weights"},
     "eval": {"models", "data", "weights", "inference"},
+    "latents": {"models", "data", "weights", "inference"},
 }
 BASE = {"cli", "distributed", "metrics", "utils"}  # top-level modules below every subpackage: they import no other part
-FACES = {"__init__", "tiling", "convert", "reconstruct"}  # the public face and the old module paths
+FACES = {"__init__", "tiling", "convert", "reconstruct", "encode_latents"}  # the public face and the old module paths
 MAX_LINES = 450
 ENTRY_POINTS = {"cvvae-train": "cvvae_jax.train.cli:main", "cvvae-eval": "cvvae_jax.eval.cli:main",
                 "cvvae-reconstruct": "cvvae_jax.inference.reconstruct:main", "cvvae-convert": "cvvae_jax.weights.cli:main",
-                "cvvae-prepare": "cvvae_jax.data.prepare:main"}
+                "cvvae-prepare": "cvvae_jax.data.prepare:main",
+                "cvvae-encode-latents": "cvvae_jax.latents.encode:main"}
 
 
 def _modules() -> dict[str, str]:

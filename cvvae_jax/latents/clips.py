@@ -1,0 +1,98 @@
+"""Which clips a dataset encodes: `--data` read as a folder, a TFDS name or the embedded set, and the fixed clip list.
+
+The evaluation's sampling (`data.sampling`, `data.pipeline.create_eval_iterator`): `frames` frames at a fixed
+`stride` (no fallback: a video too short for one clip is skipped and listed), the short side resized to cover the
+`resolution` crop (swscale bicubic), centre-cropped. With `clips_per_video` = n > 1, a video gives n clips whose
+first frames are spread evenly from frame 0 to the last start where a clip fits (they overlap when the video is
+short). Clip c is clip `c % n` of video `c // n`, videos in the source's order (sorted relative paths, as for
+training), so the clip list is a function of the data and the flags alone, the same on every host and every rerun.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import numpy as np
+
+from cvvae_jax.data import media, sources
+from cvvae_jax.data.sampling import Crop, crop_offsets
+from cvvae_jax.data.stats import DataStats
+
+EMBEDDED = "embedded"
+EMBEDDED_DIR = "~/.cache/cvvae_jax/data"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSettings:
+  """The clip read for each entry of the clip list: uint8 `[frames, H, W, 3]`, `resolution` = (H, W)."""
+
+  frames: int
+  stride: int
+  resolution: tuple[int, int]
+  clips_per_video: int = 1
+
+  def __post_init__(self):
+    for name in ("frames", "stride", "clips_per_video"):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f"--{name}: expected a positive number, got {getattr(self, name)}")
+
+  @property
+  def span(self) -> int:
+    """Source frames one clip covers."""
+    return (self.frames - 1) * self.stride + 1
+
+
+def frame_indices(num_frames: int, settings: ClipSettings, j: int) -> np.ndarray:
+  """The frame numbers of clip `j` of a `num_frames`-frame video (see the module docstring).
+
+  Raises:
+    media.BadInput: the video is too short for one clip.
+  """
+  if num_frames < settings.span:
+    raise media.BadInput(f"too short: {num_frames} frames, a {settings.frames}-frame clip at stride "
+                         f"{settings.stride} needs at least {settings.span}")
+  n = settings.clips_per_video
+  last = num_frames - settings.span
+  first = 0 if n == 1 else int(round(j * last / (n - 1)))
+  return first + settings.stride * np.arange(settings.frames)
+
+
+def load_clip(record: dict[str, Any], settings: ClipSettings, j: int) -> tuple[np.ndarray, np.ndarray, float]:
+  """Clip `j` of a source record: (uint8 `[frames, H, W, 3]`, frame numbers, fps of the clip).
+
+  Raises:
+    media.BadInput: too short or unreadable.
+  """
+  indices = frame_indices(int(record["num_frames"]), settings, j)
+  shape = media.resized_shape(int(record["height"]), int(record["width"]), settings.resolution,
+                              min(settings.resolution))
+  y, x = crop_offsets(np.random.default_rng(0), shape, settings.resolution, Crop.CENTER)  # no draw when centred
+  frames = media.decode_video_frames(record["data"], indices, shape[0], shape[1])
+  h, w = settings.resolution
+  fps = float(record.get("fps", 0.0)) / settings.stride
+  return frames[:, y:y + h, x:x + w], indices, fps
+
+
+def describe_data(data: str, data_dir: str = "", split: str = "") -> dict[str, str]:
+  """`--data` as the source it names: {"source": "folder" | "tfds" | "embedded", "path" | "tfds_name", "split"}."""
+  if data == EMBEDDED:
+    return {"source": "embedded", "split": "train"}
+  if os.path.exists(data):
+    if not os.path.isdir(data):
+      raise ValueError(f"--data {data}: expected a folder of videos (or a TFDS name), got a file")
+    return {"source": "folder", "path": os.path.abspath(data)}
+  try:
+    builder = sources.prepared_builder(data, data_dir or None, "video")
+  except FileNotFoundError as e:
+    raise ValueError(f"--data {data}: not a folder, and not a TFDS dataset ready to read: {e}") from None
+  return {"source": "tfds", "tfds_name": data, "split": split or sources.default_split(builder),
+          "data_dir": data_dir}
+
+
+def open_videos(described: dict[str, str], stats: DataStats, *, embedded_dir: str = EMBEDDED_DIR) -> sources.Source:
+  """The random-access source of `describe_data`'s answer (bad files left out by the probe are in `stats`)."""
+  return sources.open_source(kind="video", source=described["source"], path=described.get("path", ""),
+                             tfds_name=described.get("tfds_name", ""), split=described.get("split", "train"),
+                             data_dir=described.get("data_dir", ""), embedded_dir=embedded_dir, stats=stats,
+                             where="data")
