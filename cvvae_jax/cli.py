@@ -2,10 +2,11 @@
 
 The commands (`cvvae-train`, `cvvae-eval`, `cvvae-reconstruct`, `cvvae-convert`, `cvvae-prepare`) name the same
 things alike: `--model` (anything `load_pretrained` reads), `--data`, `--out`, `--frames`, `--stride`,
-`--resolution` (S for SxS, or HxW), `--dtype`, `--conv_impl`, and the tiling flags `--tiling --tile --chunk --overlap` (defined
-with their defaults next to `TilingConfig`, `inference.plan.add_tiling_arguments`). A user error (a bad value, a
-missing or unreadable file) ends the command with one line `error: ...` on stderr and a non-zero exit status (2; a
-training run 1, as schedulers read a failed job), not a traceback; set `CVVAE_DEBUG=1` to see the traceback.
+`--resolution` (S for SxS, or HxW), `--dtype`, `--conv_impl`, and the tiling flags `--tiling --tile --chunk
+--overlap` (defined with their defaults next to `TilingConfig`, `inference.plan.add_tiling_arguments`). A user
+error (a bad value, a missing or unreadable file) ends the command with one line `error: ...` on stderr and a
+non-zero exit status (2; a training run 1, as schedulers read a failed job), not a traceback; set `CVVAE_DEBUG=1` to
+see the traceback.
 """
 from __future__ import annotations
 

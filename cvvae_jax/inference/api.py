@@ -13,7 +13,8 @@ Pure, jittable functions for JAX diffusion code (latents are *scaled*: `(z - shi
 tiles) changes nothing for inputs that fit in one chunk and one tile; `TilingConfig(mode="original")` reproduces the
 original code's latents; `TilingConfig(mode="exact")` never splits a video. `dtype=jnp.bfloat16` computes in bf16
 with float32 parameters; `conv_impl` ("auto", "xla", "cpu", ...: `models.conv_impl.ConvImpl`) chooses how the
-convolutions are computed (None: the model's own field, "auto" unless set). Under a mesh, shard the batch axis of the input (`jax.jit(..., in_shardings=...)`).
+convolutions are computed (None: the model's own field, "auto" unless set). Under a mesh, shard the batch axis of
+the input (`jax.jit(..., in_shardings=...)`).
 
 For long or large videos from the host, `encode_streaming` / `decode_streaming` run the same plan chunk by chunk
 (numpy in, numpy out, one compilation reused for every video length).
@@ -114,7 +115,8 @@ def _prepare(model, params, x, tiling, image_mode, encoder, dtype, conv_impl):
 
 def encode_posterior(model, params, video, *, tiling: TilingConfig | None = None, image_mode: bool = False,
                      dtype: Any = None, conv_impl: str | None = None) -> DiagonalGaussian:
-  """The (unscaled) posterior of a tiled/chunked encode. Pure and jittable (model, tiling, image_mode, dtype, conv_impl static).
+  """The (unscaled) posterior of a tiled/chunked encode. Pure and jittable (model, tiling, image_mode, dtype and
+  conv_impl static).
 
   Args:
     video: `[B, 1+4k, H, W, 3]` in [-1, 1]; image mode (or the image VAE): `[B, T, H, W, 3]` or images `[B, H, W, 3]`.
@@ -156,7 +158,8 @@ def decode(model, params, latents, *, tiling: TilingConfig | None = None, image_
 
 
 def posterior_streaming(model, params, video, *, tiling: TilingConfig | None = None, image_mode: bool = False,
-                        dtype: Any = None, conv_impl: str | None = None, progress: Callable[[int, int], None] | None = None) -> DiagonalGaussian:
+                        dtype: Any = None, conv_impl: str | None = None,
+                        progress: Callable[[int, int], None] | None = None) -> DiagonalGaussian:
   """`encode_posterior` chunk by chunk from the host (numpy or jax input; mean/logvar as numpy float32).
 
   One compilation per chunk shape, reused across chunks and calls (videos of any length at least one chunk long
@@ -186,7 +189,8 @@ def encode_streaming(model, params, video, rng: jax.Array | None = None, *, tili
 
 
 def decode_streaming(model, params, latents, *, tiling: TilingConfig | None = None, image_mode: bool = False,
-                     dtype: Any = None, conv_impl: str | None = None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+                     dtype: Any = None, conv_impl: str | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> np.ndarray:
   """`decode` chunk by chunk from the host: the video as a numpy float32 array (not clipped)."""
   z = np.asarray(latents, np.float32) / model.scaling_factor + model.shift_factor
   coder, plan, z5, was_4d = _prepare(model, params, z, tiling, image_mode, False, dtype, conv_impl)

@@ -23,7 +23,7 @@ from cvvae_jax.models.conv_impl import ConvImpl, Pad, UpsampleImpl, resolve_conv
 Dtype = Any
 Array = jax.Array
 
-__all__ = ["Pad", "ConvImpl", "UpsampleImpl", "conv_apply", "upsample_conv_apply"]
+__all__ = ["ConvImpl", "Pad", "UpsampleImpl", "conv_apply", "upsample_conv_apply"]
 
 # The CPU forms of a 3D convolution with several time taps.
 _CPU_FORMS = {ConvImpl.CPU: cpu_conv.conv3d_cpu, ConvImpl.CPU_TAPS: cpu_conv.conv3d_taps,

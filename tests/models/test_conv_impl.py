@@ -7,11 +7,16 @@ import numpy as np
 import pytest
 
 import cvvae_jax
+from configs import cvvae as cvvae_config
 from cvvae_jax import cli
+from cvvae_jax.eval import cli as eval_cli
+from cvvae_jax.eval import config as eval_config
+from cvvae_jax.inference import reconstruct
 from cvvae_jax.models import conv_ops, cpu_conv, layers, registry
-from cvvae_jax.models.conv_impl import (CONV_IMPLS, UPSAMPLE_IMPLS, ConvImpl, UpsampleImpl, resolve_conv_impl,
-                                        resolve_upsample_impl)
+from cvvae_jax.models.conv_impl import CONV_IMPLS, UPSAMPLE_IMPLS, ConvImpl, UpsampleImpl, resolve_conv_impl
+from cvvae_jax.models.conv_impl import resolve_upsample_impl as resolve_upsample
 from cvvae_jax.models.vae3d import CVVAE
+from cvvae_jax.train import build
 from tests.helpers import random_params
 
 ZEROS, REPLICATE = layers.Pad.ZEROS, layers.Pad.REPLICATE
@@ -45,10 +50,10 @@ def _assert_same(got, want, tol=TOL):
                                               ("cpu", "cpu", "subpixel"), ("CPU", "cpu", "subpixel")])
 def test_auto_is_a_pure_function_of_the_platform(platform, conv, up):
   assert resolve_conv_impl("auto", platform) is ConvImpl(conv)
-  assert resolve_upsample_impl("auto", platform) is UpsampleImpl(up)
+  assert resolve_upsample("auto", platform) is UpsampleImpl(up)
   for name in EXPLICIT:  # explicit choices are kept on every platform
     assert resolve_conv_impl(name, platform) is ConvImpl(name)
-  assert resolve_upsample_impl("subpixel", platform) is UpsampleImpl.SUBPIXEL
+  assert resolve_upsample("subpixel", platform) is UpsampleImpl.SUBPIXEL
   assert resolve_conv_impl(ConvImpl.CPU_TAPS, platform) is ConvImpl.CPU_TAPS
 
 
@@ -56,7 +61,7 @@ def test_unknown_names_are_errors_naming_the_choices():
   with pytest.raises(ValueError, match=r"conv_impl: expected one of .*'cpu_frames'.*got 'cudnn'"):
     resolve_conv_impl("cudnn", "gpu")
   with pytest.raises(ValueError, match=r"upsample_impl: expected one of .*'subpixel'"):
-    resolve_upsample_impl("phase", "cpu")
+    resolve_upsample("phase", "cpu")
   with pytest.raises(ValueError, match="conv_impl"):
     registry.with_conv_impl(CVVAE(), "fast")
   assert cli.CONV_IMPL_NAMES == CONV_IMPLS and UPSAMPLE_IMPLS == ("auto", "xla", "subpixel")
@@ -65,15 +70,16 @@ def test_unknown_names_are_errors_naming_the_choices():
 # Shapes that exercise each form: several time taps, time/space strides (the padded tap form), causal replicate,
 # symmetric zeros, a time kernel longer than the clip without padding, frames at the frame-loop threshold (64x64:
 # `cpu` loops there), 1-tap and 2D kernels (one conv_general_dilated for every impl).
+R2, Z11, Z01 = (2, 0, REPLICATE), (1, 1, ZEROS), (0, 1, ZEROS)
 CASES = {
-    "causal_replicate": ((2, 5, 6, 5, 3), (3, 3, 3, 3, 4), (1, 1, 1), ((2, 0, REPLICATE), (1, 1, ZEROS), (1, 1, ZEROS))),
+    "causal_replicate": ((2, 5, 6, 5, 3), (3, 3, 3, 3, 4), (1, 1, 1), (R2, Z11, Z11)),
     "symmetric_zeros": ((1, 4, 5, 6, 2), (3, 3, 3, 2, 2), (1, 1, 1), ((1, 1, ZEROS), (1, 1, REPLICATE), (0, 1, ZEROS))),
     "stride_2": ((1, 5, 6, 6, 2), (3, 3, 3, 2, 3), (2, 2, 2), ((2, 0, REPLICATE), (0, 1, ZEROS), (0, 1, ZEROS))),
     "stride_2_zeros": ((1, 4, 5, 6, 2), (3, 3, 3, 2, 3), (2, 1, 2), ((1, 1, ZEROS), (1, 1, ZEROS), (1, 1, ZEROS))),
     "unpadded_time": ((1, 4, 5, 5, 2), (3, 3, 3, 2, 2), (1, 1, 1), ((0, 0, ZEROS), (1, 1, ZEROS), (1, 1, ZEROS))),
-    "one_frame_causal": ((1, 1, 5, 5, 2), (3, 3, 3, 2, 2), (1, 1, 1), ((2, 0, REPLICATE), (1, 1, ZEROS), (1, 1, ZEROS))),
-    "frame_loop_size": ((1, 3, 64, 64, 2), (3, 3, 3, 2, 2), (1, 1, 1), ((2, 0, REPLICATE), (1, 1, ZEROS), (1, 1, ZEROS))),
-    "frame_loop_stride": ((1, 5, 64, 64, 1), (3, 3, 3, 1, 2), (2, 2, 2), ((1, 1, ZEROS), (0, 1, ZEROS), (0, 1, ZEROS))),
+    "one_frame_causal": ((1, 1, 5, 5, 2), (3, 3, 3, 2, 2), (1, 1, 1), (R2, Z11, Z11)),
+    "frame_loop_size": ((1, 3, 64, 64, 2), (3, 3, 3, 2, 2), (1, 1, 1), (R2, Z11, Z11)),
+    "frame_loop_stride": ((1, 5, 64, 64, 1), (3, 3, 3, 1, 2), (2, 2, 2), (Z11, Z01, Z01)),
     "one_tap": ((1, 3, 5, 5, 3), (1, 1, 1, 3, 4), (1, 1, 1), None),
     "image_2d": ((2, 6, 5, 3), (3, 3, 3, 4), (2, 1), ((1, 1, REPLICATE), (1, 1, ZEROS))),
 }
@@ -185,3 +191,24 @@ def test_kernels_are_tied_only_by_the_cpu_forms():
       x, kernel).as_text()
   assert "stablehlo.select" in hlo("cpu_taps") and "stablehlo.select" not in hlo("xla")
   np.testing.assert_array_equal(cpu_conv.tie_kernel(x, kernel), kernel)
+
+
+def test_the_choice_comes_from_the_config_and_the_command_lines(tmp_path):
+  """`config.train.conv_impl` / `upsample_impl` reach every trained and frozen model; the CLIs take `--conv_impl`;
+  the evaluation config rejects unknown names."""
+  c = cvvae_config.get_config("sd21,demo")
+  assert (c.train.conv_impl, c.train.upsample_impl) == ("auto", "auto")
+  with c.unlocked():
+    c.train.conv_impl, c.train.upsample_impl = "xla", "subpixel"
+    c.loss.reg_decoder_weight = 0.0
+  image_vae = cvvae_jax.ImageVAE(block_out_channels=(32, 32), layers_per_block=1)
+  models = build.build_models(c, image_vae)
+  assert (models.vae.conv_impl, models.vae.upsample_impl, models.disc.conv_impl) == ("xla", "subpixel", "xla")
+  assert (models.image_vae.conv_impl, models.image_vae.upsample_impl) == ("xla", "subpixel")
+  args = reconstruct.parser().parse_args(["--model", "m", "--input", "i.mp4", "--out", "o.mp4", "--conv_impl", "xla"])
+  assert args.conv_impl == "xla"
+  assert eval_cli.parser().parse_args(["--model", "m", "--data", "d", "--out", "o"]).conv_impl == "auto"
+  with pytest.raises(SystemExit):
+    reconstruct.parser().parse_args(["--model", "m", "--input", "i", "--out", "o", "--conv_impl", "cudnn"])
+  with pytest.raises(eval_config.EvaluationError, match="conv_impl: expected one of"):
+    eval_config.EvalConfig(model="m", data="d", out="o", conv_impl="cudnn")
