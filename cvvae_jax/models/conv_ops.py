@@ -26,7 +26,7 @@ Array = jax.Array
 __all__ = ["ConvImpl", "Pad", "UpsampleImpl", "conv_apply", "upsample_conv_apply"]
 
 # The CPU forms of a 3D convolution with several time taps.
-_CPU_FORMS = {ConvImpl.CPU: cpu_conv.conv3d_cpu, ConvImpl.CPU_TAPS: cpu_conv.conv3d_taps,
+_CPU_CONV3D = {ConvImpl.CPU: cpu_conv.conv3d_cpu, ConvImpl.CPU_TAPS: cpu_conv.conv3d_taps,
               ConvImpl.CPU_FRAMES: cpu_conv.conv3d_looped}
 
 
@@ -64,7 +64,7 @@ def _conv_float32(x: Array, kernel: Array, *, strides: tuple[int, ...] | None, p
     x = jnp.pad(x, edge, mode="edge")
   conv_pad = [(lo, hi) if mode is Pad.ZEROS else (0, 0) for lo, hi, mode in padding]
   if cpu_form and time_taps:
-    return _CPU_FORMS[impl](x.astype(dtype), kernel.astype(dtype), tuple(strides), tuple(time_pad),
+    return _CPU_CONV3D[impl](x.astype(dtype), kernel.astype(dtype), tuple(strides), tuple(time_pad),
                             tuple(conv_pad), precision)
   return lax.conv_general_dilated(
       x.astype(dtype), kernel.astype(dtype), window_strides=strides, padding=conv_pad,
