@@ -13,7 +13,8 @@ instead of the forward pass. `--exp model` times a whole full-size model (random
 ("phase") against the nearest-repeat formulation it replaced ("repeat"). `--exp vs_torch` alternates XLA's 3x3
 convolution with torch's `conv2d` (NCHW and channels-last, `torch.set_num_threads(2)`) in the same process.
 `--exp conv3d` times one causal (replicate) 3x3x3 convolution `[B, T, H, W, C] -> [..., O]` as one batched 2D
-convolution per time tap ("taps") against one output frame at a time ("frame_loop", with the taps' gradient).
+convolution per time tap ("taps", `conv_impl="cpu_taps"`) against one output frame at a time ("frame_loop",
+`cpu_frames`, with the taps' gradient) and XLA's 3D convolution ("xla").
 Results are checked against the reference (max abs difference printed); each row has XLA's temp memory.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cvvae_jax.models import conv_ops, layers  # noqa: E402
+from cvvae_jax.models import conv_ops, cpu_conv, layers  # noqa: E402
 from tests.helpers import random_params  # noqa: E402
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -101,14 +102,9 @@ def upsample_layer(x, k, b, style, temporal):
   return layers.Upsample(style, temporal).apply({"params": {"conv": {"kernel": k, "bias": b}}}, x)
 
 
-def _upsample_by_repeat(x, kernel, bias, *, padding=None, dtype=jnp.float32, precision=None):
-  """Stand-in for `layers.upsample_conv_apply`: the formulation before phases (4x copy, then the 3x3 conv)."""
-  x = jnp.repeat(jnp.repeat(x, 2, axis=-3), 2, axis=-2)
-  return layers.conv_apply(x, kernel, bias, padding=padding, dtype=dtype, precision=precision)
-
-
 def model_fns(kind: str, shape, direction: str):
-  """Jitted encode or decode of a full-size SD2.1 model (image VAE or CV-VAE), with phase and with repeat upsampling."""
+  """Encode or decode of a full-size SD2.1 model (image VAE or CV-VAE), `upsample_impl` "xla" (repeat) and "subpixel"
+  (phase)."""
   import cvvae_jax
   model = cvvae_jax.ImageVAE() if kind == "image" else cvvae_jax.CVVAE(variant="sd21")
   params = random_params(model, seed=0)
@@ -116,19 +112,12 @@ def model_fns(kind: str, shape, direction: str):
     shape = (shape[0], shape[1] // 8, shape[2] // 8, 4) if kind == "image" else (
         shape[0], (shape[1] - 1) // 4 + 1, shape[2] // 8, shape[3] // 8, 4)
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32))
-  if direction == "encode":
-    call = lambda p, x: model.apply({"params": p}, x, method="encode").mean
-  else:
-    call = lambda p, x: model.apply({"params": p}, x, method="decode")
-  original = layers.upsample_conv_apply
-
-  def repeat(p, x):
-    layers.upsample_conv_apply = _upsample_by_repeat  # at trace time only
-    try:
-      return call(p, x)
-    finally:
-      layers.upsample_conv_apply = original
-  return dict(repeat=repeat, phase=call), (params, x)
+  def call_of(impl):
+    m = model.clone(upsample_impl=impl)
+    if direction == "encode":
+      return lambda p, x: m.apply({"params": p}, x, method="encode").mean
+    return lambda p, x: m.apply({"params": p}, x, method="decode")
+  return dict(repeat=call_of("xla"), phase=call_of("subpixel")), (params, x)
 
 
 def vs_torch(dims, repeats: int) -> list[dict]:
@@ -219,8 +208,10 @@ def main():
     x = jnp.asarray(rng.standard_normal((bsz, t, h, w, c), np.float32))
     k = jnp.asarray(rng.standard_normal((3, 3, 3, c, o), np.float32) / np.sqrt(27 * c))
     static = ((1, 1, 1), (2, 0, layers.Pad.REPLICATE), ((1, 1), (1, 1)), None)
-    fns = dict(taps=lambda x, k: conv_ops._conv3d_taps(x, k, *static),
-               frame_loop=lambda x, k: conv_ops._conv3d_looped(x, k, *static))
+    padding = ((2, 0, layers.Pad.REPLICATE), (1, 1, layers.Pad.ZEROS), (1, 1, layers.Pad.ZEROS))
+    fns = dict(taps=lambda x, k: cpu_conv.conv3d_taps(x, k, *static),
+               frame_loop=lambda x, k: cpu_conv.conv3d_looped(x, k, *static),
+               xla=lambda x, k: conv_ops.conv_apply(x, k, 0.0, padding=padding, impl="xla"))
     fargs = (x, k)
     flops = 2 * bsz * t * h * w * 27 * c * o
   else:

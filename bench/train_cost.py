@@ -91,12 +91,11 @@ def worker_full(case_name: str, fsdp: int, compile_: bool) -> dict:
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   from configs import cvvae as cvvae_config
-  from cvvae_jax.models import conv_ops, lpips
+  from cvvae_jax.models import lpips
   from cvvae_jax.models.sd_vae import ImageVAE
   from cvvae_jax.train import build, sharding, step as step_lib
   from cvvae_jax.train.state import init_state
 
-  conv_ops.CPU_FORMS = False  # XLA:CPU as the proxy of the accelerator program, not of the CPU-specific one
   case = _parse_case(case_name)
   sp = case["spatial"]
   devices = fsdp * sp
@@ -104,6 +103,9 @@ def worker_full(case_name: str, fsdp: int, compile_: bool) -> dict:
   with config.unlocked():
     config.train.compute_dtype = case["dtype"]
     config.train.remat = case["remat"]
+    # XLA:CPU as the proxy of the accelerator program (3D convolutions), not of the CPU forms. The upsampling stays
+    # sub-pixel, as measured before `upsample_impl` existed (its accelerator default "auto" is "xla").
+    config.train.conv_impl, config.train.upsample_impl = "xla", "subpixel"
     config.mesh.data, config.mesh.fsdp = 1, devices
   image_vae = ImageVAE()  # SD2.1's image VAE (diffusers AutoencoderKL config), the frozen regularizer
   models = build.build_models(config, image_vae)

@@ -95,17 +95,11 @@ def latent_shape(case: dict) -> tuple[int, ...]:
 
 
 def xla_flops(fn, *args) -> float:
-  """XLA's FLOP count of `fn(*args)` (2 per multiply-add), from the program without the CPU-only forms: XLA's cost
-  analysis counts a loop body once, and on CPU large 3D convolutions loop over frames (`conv_ops.CPU_FORMS`)."""
+  """XLA's FLOP count of `fn(*args)` (2 per multiply-add). Give it the model with `conv_impl="xla"`: XLA's cost
+  analysis counts a loop body once, and on CPU large 3D convolutions loop over frames (`conv_impl="auto"`)."""
   import jax
 
-  from cvvae_jax.models import conv_ops
-
-  conv_ops.CPU_FORMS = False
-  try:  # a fresh function: a jitted `fn` would reuse its trace made with the CPU forms
-    cost = jax.jit(lambda *a: fn(*a)).lower(*args).compile().cost_analysis()
-  finally:
-    conv_ops.CPU_FORMS = True
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
@@ -136,14 +130,16 @@ def worker_ours(folder: str, case: dict, direction: str, repeats: int, used_only
   shape = case["shape"] if direction == "encode" else latent_shape(case)
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32))
   if direction == "encode":
-    call = lambda p, x: model.apply({"params": p}, x, method="encode").mean
+    call_of = lambda m: lambda p, x: m.apply({"params": p}, x, method="encode").mean
   else:
-    call = lambda p, z: model.apply({"params": p}, z, method="decode")
+    call_of = lambda m: lambda p, z: m.apply({"params": p}, z, method="decode")
+  call = call_of(model)
   fn = jax.jit(call)
   if used_only:
     params = inference.params_for(params, direction)
   params = jax.device_put(params)
-  flops = xla_flops(call, params, x)  # its own compilation: before the peak-RSS reset, like loading
+  # Its own compilation (before the peak-RSS reset, like loading), of the same math without the frame loop.
+  flops = xla_flops(call_of(model.clone(conv_impl="xla")), params, x)
   _release_freed_memory()
   load_peak = _rss_mb()
   _reset_peak_rss()

@@ -2,10 +2,11 @@
 
 The commands (`cvvae-train`, `cvvae-eval`, `cvvae-reconstruct`, `cvvae-convert`, `cvvae-prepare`) name the same
 things alike: `--model` (anything `load_pretrained` reads), `--data`, `--out`, `--frames`, `--stride`,
-`--resolution` (S for SxS, or HxW), `--dtype`, and the tiling flags `--tiling --tile --chunk --overlap` (defined
-with their defaults next to `TilingConfig`, `inference.plan.add_tiling_arguments`). A user error (a bad value, a
-missing or unreadable file) ends the command with one line `error: ...` on stderr and a non-zero exit status (2; a
-training run 1, as schedulers read a failed job), not a traceback; set `CVVAE_DEBUG=1` to see the traceback.
+`--resolution` (S for SxS, or HxW), `--dtype`, `--conv_impl`, and the tiling flags `--tiling --tile --chunk
+--overlap` (defined with their defaults next to `TilingConfig`, `inference.plan.add_tiling_arguments`). A user
+error (a bad value, a missing or unreadable file) ends the command with one line `error: ...` on stderr and a
+non-zero exit status (2; a training run 1, as schedulers read a failed job), not a traceback; set `CVVAE_DEBUG=1` to
+see the traceback.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from absl import flags, logging
 USER_ERRORS = (ValueError, OSError)
 DEBUG_ENV = "CVVAE_DEBUG"
 DTYPE_NAMES = ("float32", "bfloat16")
+# `models.conv_impl.CONV_IMPLS` (this base module imports no part of the package; a test keeps the two equal).
+CONV_IMPL_NAMES = ("auto", "xla", "cpu", "cpu_taps", "cpu_frames")
 
 
 def parse_resolution(text: str | int | Sequence[int], *, multiple: int = 1) -> tuple[int, int]:
@@ -82,6 +85,12 @@ def add_clip_arguments(p: argparse.ArgumentParser, *, frames: int | None, stride
 def add_dtype_argument(p: argparse.ArgumentParser) -> None:
   p.add_argument("--dtype", default=DTYPE_NAMES[0], choices=DTYPE_NAMES,
                  help="compute dtype of the VAEs (params stay float32)")
+
+
+def add_conv_impl_argument(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--conv_impl", default=CONV_IMPL_NAMES[0], choices=CONV_IMPL_NAMES,
+                 help="how the VAEs compute convolutions (same results): auto (xla on TPU/GPU, the CPU forms on CPU), "
+                 "xla (3D lax convolutions), cpu (taps or frame loop by frame size), cpu_taps, cpu_frames")
 
 
 def show_info_logs() -> None:

@@ -50,6 +50,7 @@ def parser():
                  "image)")
   plan.add_tiling_arguments(p)
   cli.add_dtype_argument(p)
+  cli.add_conv_impl_argument(p)
   p.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=d["lpips"], help="compute LPIPS")
   p.add_argument("--lpips_net", default=d["lpips_net"], choices=lpips.NETS, help="LPIPS backbone: VGG16 or AlexNet")
   p.add_argument("--fvd", action=argparse.BooleanOptionalAction, default=d["fvd"],

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 from cvvae_jax import cli
 from cvvae_jax.inference.plan import DEFAULT as TILING, TilingConfig
 from cvvae_jax.models import lpips, registry
+from cvvae_jax.models.conv_impl import CONV_IMPLS
 
 METRICS = ("psnr", "ssim", "lpips")
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False}
@@ -64,6 +65,7 @@ class EvalConfig:
     tiling, tile, chunk, overlap: `tiling.TilingConfig` mode ("tiled", "original", "exact"), spatial tile in pixels
       (0: none), encoder chunk in frames, 1 + 4m (0: none; the decoder takes 1 + m latents), tile overlap ratio.
     dtype: compute dtype of the VAEs ("float32" or "bfloat16"); metrics are float32.
+    conv_impl: how the VAEs compute convolutions (`models.conv_impl.CONV_IMPLS`; "auto": per platform).
     lpips, lpips_net: compute LPIPS too, with the VGG16 ("vgg") or AlexNet ("alex") backbone.
     fvd: compute rFVD (I3D features of the inputs and of each reconstruction; clips of >= 9 frames);
       fvd_bootstrap: resamples of the clips for its 95% interval (0: none).
@@ -94,6 +96,7 @@ class EvalConfig:
   chunk: int = TILING.encode_chunk_frames
   overlap: float = TILING.overlap
   dtype: str = "float32"
+  conv_impl: str = "auto"
   lpips: bool = True
   lpips_net: str = "vgg"
   fvd: bool = True
@@ -128,6 +131,8 @@ class EvalConfig:
       problems.append(f"data_kind: expected 'auto', 'video' or 'image', got {self.data_kind!r}")
     if self.dtype not in registry.DTYPES:
       problems.append(f"dtype: expected one of {sorted(registry.DTYPES)}, got {self.dtype!r}")
+    if self.conv_impl not in CONV_IMPLS:
+      problems.append(f"conv_impl: expected one of {list(CONV_IMPLS)}, got {self.conv_impl!r}")
     try:
       self.tiling_config()
     except EvaluationError as e:

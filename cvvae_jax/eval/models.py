@@ -53,12 +53,13 @@ def parameter_counts(params: Mapping[str, Any]) -> tuple[int, int]:
   return enc, dec
 
 
-def _load(role: str, path: str, dtype: str) -> Entry:
+def _load(role: str, path: str, dtype: str, conv_impl: str = "auto") -> Entry:
   try:
     model, params = pretrained.load_pretrained(path)
   except (FileNotFoundError, ValueError, TypeError) as e:
     raise EvaluationError(f"--{role} {path}: cannot load the model: {e}") from e
-  return Entry(role=role, path=os.path.abspath(path), model=registry.with_dtype(model, dtype), params=params)
+  model = registry.with_conv_impl(registry.with_dtype(model, dtype), conv_impl)
+  return Entry(role=role, path=os.path.abspath(path), model=model, params=params)
 
 
 def recorded_image_vae(path: str) -> str:
@@ -91,9 +92,9 @@ class Models:
 
 def load_models(cfg: EvalConfig) -> Models:
   """Loads model, baseline and image VAE and picks the compatibility pair; raises EvaluationError on misfits."""
-  entries = {"model": _load("model", cfg.model, cfg.dtype)}
+  entries = {"model": _load("model", cfg.model, cfg.dtype, cfg.conv_impl)}
   if cfg.baseline:
-    entries["baseline"] = _load("baseline", cfg.baseline, cfg.dtype)
+    entries["baseline"] = _load("baseline", cfg.baseline, cfg.dtype, cfg.conv_impl)
   models = Models(entries=entries, baseline="baseline" if cfg.baseline else None)
 
   cv_key = next((k for k in ("model", "baseline") if k in entries and entries[k].is_video), None)
@@ -104,7 +105,7 @@ def load_models(cfg: EvalConfig) -> Models:
     same = [k for k, e in entries.items() if e.path == os.path.abspath(cfg.image_vae)]
     image_key = same[0] if same else "image_vae"
     if not same:
-      entries["image_vae"] = _load("image_vae", cfg.image_vae, cfg.dtype)
+      entries["image_vae"] = _load("image_vae", cfg.image_vae, cfg.dtype, cfg.conv_impl)
     source = "--image_vae"
     if entries[image_key].is_video:
       raise EvaluationError(f"--image_vae {cfg.image_vae}: expected an image VAE (the frozen SD image decoder), got "
@@ -118,7 +119,7 @@ def load_models(cfg: EvalConfig) -> Models:
     if image_key is None and cv_key is not None:
       recorded = recorded_image_vae(entries[cv_key].path)
       if recorded and os.path.exists(recorded):
-        entries["image_vae"] = _load("image_vae", recorded, cfg.dtype)
+        entries["image_vae"] = _load("image_vae", recorded, cfg.dtype, cfg.conv_impl)
         image_key, source = "image_vae", f"image_vae.path recorded in {entries[cv_key].path}"
       elif recorded:
         models.compat_note = (f"off: the image VAE recorded in {entries[cv_key].path} ({recorded}) does not exist; "

@@ -7,13 +7,15 @@ Pure, jittable functions for JAX diffusion code (latents are *scaled*: `(z - shi
     z = inference.encode(vae, params, video, rng=key)        # a posterior sample instead of the mean
     video = inference.decode(vae, params, z)                 # -> [B, 1+4k, 8h, 8w, 3] (not clipped)
     frames = inference.decode(vae, params, z, image_mode=True)  # each latent frame decoded as an image (1:1 frames)
-    step = jax.jit(inference.decode, static_argnames=("model", "tiling", "image_mode", "dtype"))
+    step = jax.jit(inference.decode, static_argnames=("model", "tiling", "image_mode", "dtype", "conv_impl"))
 
 `tiling` (a `TilingConfig`, see `plan.py`) switches chunking and tiling: the default (TILED, 17-frame chunks, 576-pixel
 tiles) changes nothing for inputs that fit in one chunk and one tile; `TilingConfig(mode="original")` reproduces the
 original code's latents, with the tile size, overlap and rounds of the model's own config.json (`original_settings`;
 sizes given explicitly win); `TilingConfig(mode="exact")` never splits a video. `dtype=jnp.bfloat16` computes in bf16
-with float32 parameters. Under a mesh, shard the batch axis of the input (`jax.jit(..., in_shardings=...)`).
+with float32 parameters; `conv_impl` ("auto", "xla", "cpu", ...: `models.conv_impl.ConvImpl`) chooses how the
+convolutions are computed (None: the model's own field, "auto" unless set). Under a mesh, shard the batch axis of
+the input (`jax.jit(..., in_shardings=...)`).
 
 For long or large videos from the host, `encode_streaming` / `decode_streaming` run the same plan chunk by chunk
 (numpy in, numpy out, one compilation reused for every video length).
@@ -36,7 +38,7 @@ from cvvae_jax.inference import plan as plan_lib
 from cvvae_jax.inference import tiling as tiling_lib
 from cvvae_jax.inference.plan import TilingConfig
 from cvvae_jax.models.distributions import LOGVAR_MAX, LOGVAR_MIN, DiagonalGaussian
-from cvvae_jax.models.registry import check_model, with_dtype
+from cvvae_jax.models.registry import check_model, with_conv_impl, with_dtype
 from cvvae_jax.models.sd_vae import ImageVAE
 from cvvae_jax.models.vae3d import CVVAE
 
@@ -109,9 +111,9 @@ def _image_mode(model, image_mode: bool) -> bool:
   return True if isinstance(model, ImageVAE) else image_mode
 
 
-def _prepare(model, params, x, tiling, image_mode, encoder, dtype):
+def _prepare(model, params, x, tiling, image_mode, encoder, dtype, conv_impl):
   check_model(model)
-  model = with_dtype(model, dtype)
+  model = with_conv_impl(with_dtype(model, dtype), conv_impl)
   channels = model.in_channels if encoder else model.latent_channels
   image_mode = _image_mode(model, image_mode) or x.ndim == 4  # a 4D input is a batch of images
   x5, was_4d = _as_5d(x, image_mode, "video" if encoder else "latents", channels)
@@ -122,15 +124,16 @@ def _prepare(model, params, x, tiling, image_mode, encoder, dtype):
 
 
 def encode_posterior(model, params, video, *, tiling: TilingConfig | None = None, image_mode: bool = False,
-                     dtype: Any = None) -> DiagonalGaussian:
-  """The (unscaled) posterior of a tiled/chunked encode. Pure and jittable (model, tiling, image_mode, dtype static).
+                     dtype: Any = None, conv_impl: str | None = None) -> DiagonalGaussian:
+  """The (unscaled) posterior of a tiled/chunked encode. Pure and jittable (model, tiling, image_mode, dtype and
+  conv_impl static).
 
   Args:
     video: `[B, 1+4k, H, W, 3]` in [-1, 1]; image mode (or the image VAE): `[B, T, H, W, 3]` or images `[B, H, W, 3]`.
   Returns:
     DiagonalGaussian over `[B, 1+k, H/8, W/8, C]` (image mode: `[B, T, h, w, C]`, or `[B, h, w, C]` for 4D input).
   """
-  coder, plan, x5, was_4d = _prepare(model, params, video, tiling, image_mode, True, dtype)
+  coder, plan, x5, was_4d = _prepare(model, params, video, tiling, image_mode, True, dtype, conv_impl)
   moments = tiling_lib.apply(coder, params, x5, plan, coder.geometry)
   if was_4d:
     moments = moments[:, 0]
@@ -138,18 +141,19 @@ def encode_posterior(model, params, video, *, tiling: TilingConfig | None = None
 
 
 def encode(model, params, video, rng: jax.Array | None = None, *, tiling: TilingConfig | None = None,
-           image_mode: bool = False, dtype: Any = None) -> jax.Array:
+           image_mode: bool = False, dtype: Any = None, conv_impl: str | None = None) -> jax.Array:
   """Video -> scaled latents `(z - shift) * scale`, z the posterior mean (or a sample when `rng` is given).
 
   Pure and jittable. Shapes as in `encode_posterior`.
   """
-  posterior = encode_posterior(model, params, video, tiling=tiling, image_mode=image_mode, dtype=dtype)
+  posterior = encode_posterior(model, params, video, tiling=tiling, image_mode=image_mode, dtype=dtype,
+                                 conv_impl=conv_impl)
   z = posterior.mode() if rng is None else posterior.sample(rng)
   return model.scale_latent(z)
 
 
 def decode(model, params, latents, *, tiling: TilingConfig | None = None, image_mode: bool = False,
-           dtype: Any = None) -> jax.Array:
+           dtype: Any = None, conv_impl: str | None = None) -> jax.Array:
   """Scaled latents -> video in about [-1, 1] (not clipped). Pure and jittable.
 
   Args:
@@ -158,20 +162,21 @@ def decode(model, params, latents, *, tiling: TilingConfig | None = None, image_
       `[B, 8h, 8w, 3]` (a 4D input to CV-VAE is always image mode).
   """
   z = model.unscale_latent(jnp.asarray(latents))
-  coder, plan, z5, was_4d = _prepare(model, params, z, tiling, image_mode, False, dtype)
+  coder, plan, z5, was_4d = _prepare(model, params, z, tiling, image_mode, False, dtype, conv_impl)
   out = tiling_lib.apply(coder, params, z5, plan, coder.geometry)
   return out[:, 0] if was_4d else out
 
 
 def posterior_streaming(model, params, video, *, tiling: TilingConfig | None = None, image_mode: bool = False,
-                        dtype: Any = None, progress: Callable[[int, int], None] | None = None) -> DiagonalGaussian:
+                        dtype: Any = None, conv_impl: str | None = None,
+                        progress: Callable[[int, int], None] | None = None) -> DiagonalGaussian:
   """`encode_posterior` chunk by chunk from the host (numpy or jax input; mean/logvar as numpy float32).
 
   One compilation per chunk shape, reused across chunks and calls (videos of any length at least one chunk long
   share it); memory holds the input, the output and one chunk. `progress(done, total)` is called after every chunk
   (e.g. `tiling.chunk_progress("encode")`).
   """
-  coder, plan, x5, was_4d = _prepare(model, params, video, tiling, image_mode, True, dtype)
+  coder, plan, x5, was_4d = _prepare(model, params, video, tiling, image_mode, True, dtype, conv_impl)
   moments = tiling_lib.apply_streaming(coder, params, x5, plan, coder.geometry, progress)
   if was_4d:
     moments = moments[:, 0]
@@ -181,11 +186,11 @@ def posterior_streaming(model, params, video, *, tiling: TilingConfig | None = N
 
 
 def encode_streaming(model, params, video, rng: jax.Array | None = None, *, tiling: TilingConfig | None = None,
-                     image_mode: bool = False, dtype: Any = None,
+                     image_mode: bool = False, dtype: Any = None, conv_impl: str | None = None,
                      progress: Callable[[int, int], None] | None = None) -> np.ndarray:
   """`encode` chunk by chunk from the host: scaled latents as a numpy float32 array."""
   posterior = posterior_streaming(model, params, video, tiling=tiling, image_mode=image_mode, dtype=dtype,
-                                  progress=progress)
+                                  conv_impl=conv_impl, progress=progress)
   z = posterior.mean
   if rng is not None:
     eps = np.asarray(jax.random.normal(rng, z.shape, jnp.float32))
@@ -194,10 +199,11 @@ def encode_streaming(model, params, video, rng: jax.Array | None = None, *, tili
 
 
 def decode_streaming(model, params, latents, *, tiling: TilingConfig | None = None, image_mode: bool = False,
-                     dtype: Any = None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+                     dtype: Any = None, conv_impl: str | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> np.ndarray:
   """`decode` chunk by chunk from the host: the video as a numpy float32 array (not clipped)."""
   z = np.asarray(latents, np.float32) / model.scaling_factor + model.shift_factor
-  coder, plan, z5, was_4d = _prepare(model, params, z, tiling, image_mode, False, dtype)
+  coder, plan, z5, was_4d = _prepare(model, params, z, tiling, image_mode, False, dtype, conv_impl)
   out = tiling_lib.apply_streaming(coder, params, z5, plan, coder.geometry, progress)
   return out[:, 0] if was_4d else out
 

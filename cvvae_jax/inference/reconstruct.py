@@ -2,7 +2,7 @@
 
     cvvae-reconstruct --model PATH --input IN.mp4 --out OUT.mp4 \
         [--frames 17] [--stride 1] [--resolution 256] [--tiling tiled|original|exact] [--tile 576] [--chunk 17] \
-        [--dtype float32|bfloat16]                                (or: python -m cvvae_jax.reconstruct ...)
+        [--dtype float32|bfloat16] [--conv_impl auto|xla|cpu|...] (or: python -m cvvae_jax.reconstruct ...)
 
 `--model` is anything `load_pretrained` reads (an original PyTorch folder, our Flax export, a training workdir).
 CV-VAE models code the clip as a video (1 + 4k frames: extra frames are dropped); the image VAE codes it frame by
@@ -34,6 +34,7 @@ def parser():
                          resolution_help="the video's size cropped to multiples of 8", aliases={"--resolution": ("--size",)})
   plan.add_tiling_arguments(p, aliases={"--tiling": ("--mode",)}, follow_model=True)
   cli.add_dtype_argument(p)
+  cli.add_conv_impl_argument(p)
   p.add_argument("--repeat", type=int, default=1, help="passes to time (the first one compiles)")
   return p
 
@@ -55,7 +56,7 @@ def run(args) -> dict:
     t = 1 + (video.shape[0] - 1) // tc * tc
     video = video[:t]
   x = video[None]
-  kw = dict(tiling=config, dtype=args.dtype, image_mode=not is_video)
+  kw = dict(tiling=config, dtype=args.dtype, conv_impl=args.conv_impl, image_mode=not is_video)
   times = {"encode_s": [], "decode_s": []}
   for _ in range(max(1, args.repeat)):
     start = time.perf_counter()
@@ -72,7 +73,7 @@ def run(args) -> dict:
       "input": args.input, "output": args.out, "model": type(model).__name__, "frames": int(out.shape[0]),
       "height": h, "width": w, "latent_shape": list(z.shape[1:]), "psnr_db": round(psnr, 3),
       "encode_s": [round(t, 3) for t in times["encode_s"]], "decode_s": [round(t, 3) for t in times["decode_s"]],
-      "dtype": args.dtype, "plan": str(chunks), "backend": jax.default_backend(),
+      "dtype": args.dtype, "conv_impl": args.conv_impl, "plan": str(chunks), "backend": jax.default_backend(),
   }
 
 

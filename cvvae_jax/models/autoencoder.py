@@ -40,6 +40,7 @@ class Level(nn.Module):
   resample: bool | None
   remat: bool
   block_kw: dict
+  upsample_impl: str = "auto"
 
   @nn.compact
   def __call__(self, h: Array) -> Array:
@@ -48,10 +49,11 @@ class Level(nn.Module):
       h = res_cls(self.channels, name=f"res_{j}", **self.block_kw)(h)
     if self.resample is None:
       return h
-    kw = {k: self.block_kw[k] for k in ("dtype", "param_dtype", "precision")}
+    kw = {k: self.block_kw[k] for k in ("dtype", "param_dtype", "precision", "conv_impl")}
     if self.direction == "down":
       return layers.Downsample(self.block_kw["style"], self.resample, name="downsample", **kw)(h)
-    return layers.Upsample(self.block_kw["style"], self.resample, name="upsample", **kw)(h)
+    return layers.Upsample(self.block_kw["style"], self.resample, upsample_impl=self.upsample_impl, name="upsample",
+                           **kw)(h)
 
 
 class MidBlock(nn.Module):
@@ -84,6 +86,7 @@ class Tower(nn.Module):
     layers_per_block: res blocks per level (SD: 2 in the encoder, 3 in the decoder).
     style: padding/dimensionality, see `layers.ConvStyle`.
     half_3d: "2D+3D" res blocks (conv2 per frame) rather than all-3D.
+    conv_impl, upsample_impl: how convolutions and upsampling convolutions are computed (`conv_impl.py`).
   """
 
   block_out_channels: tuple[int, ...] = _shared()
@@ -96,15 +99,17 @@ class Tower(nn.Module):
   param_dtype: Any = _shared(jnp.float32)
   precision: Any = _shared(None)
   remat: bool = _shared(False)
+  conv_impl: str = _shared("auto")
+  upsample_impl: str = _shared("auto")
 
   def _conv_kw(self) -> dict:
     """conv_in / conv_out: the main kernel (3x3x3 or 3x3) with the style's 'same' padding."""
     return dict(kernel_size=(3, 3, 3) if self.style.video else (3, 3), padding=self.style.main_padding(),
-                dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+                dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, conv_impl=self.conv_impl)
 
   def _block_kw(self) -> dict:
     return dict(style=self.style, half_3d=self.half_3d, num_groups=self.num_groups, epsilon=self.epsilon,
-                dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+                dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, conv_impl=self.conv_impl)
 
   def _resample(self, i: int, temporal: tuple[bool, ...]) -> bool | None:
     """The resampler after level `i`: None after the last level, else whether it also acts on time."""
@@ -160,7 +165,7 @@ class Decoder(Tower):
     h = MidBlock(self.temporal_attention and self.style.video, self.remat, block_kw, name="mid")(h)
     for i, c in enumerate(channels):
       h = Level(c, self.layers_per_block, "up", self._resample(i, self.temporal_upsample), self.remat, block_kw,
-                name=f"up_{i}")(h)
+                self.upsample_impl, name=f"up_{i}")(h)
     h = self._norm_out(h)
     # The input of the last layer, for the adaptive GAN weight (gradients at conv_out's kernel).
     self.sow("intermediates", "conv_out_input", h)
@@ -177,6 +182,8 @@ class Autoencoder(nn.Module):
     scaling_factor, shift_factor: the diffusion convention `(z - shift_factor) * scaling_factor`.
     dtype: compute dtype (float32 or bfloat16); param_dtype: of the params (float32); precision: of the convs.
     remat: `jax.checkpoint` per res block.
+    conv_impl: the convolution algorithm, `conv_impl.ConvImpl` by name ("auto": `xla` on TPU/GPU, the CPU forms on
+      CPU); upsample_impl: the upsampling convolution's, `UpsampleImpl` ("auto": `subpixel` on CPU, else `xla`).
   """
 
   scaling_factor: float = _shared(0.18215)
@@ -185,6 +192,8 @@ class Autoencoder(nn.Module):
   param_dtype: Any = _shared(jnp.float32)
   precision: Any = _shared(None)
   remat: bool = _shared(False)
+  conv_impl: str = _shared("auto")
+  upsample_impl: str = _shared("auto")
 
   @property
   def spatial_compression(self) -> int:

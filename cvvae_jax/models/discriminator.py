@@ -76,6 +76,7 @@ class Conv3D(nn.Module):
   padding: int = 1
   init_std: float = 0.02
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"  # the convolution algorithm, `conv_impl.ConvImpl` by name
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -84,7 +85,7 @@ class Conv3D(nn.Module):
     return layers.Conv(self.features, (self.kernel,) * 3, strides=(self.stride,) * 3, padding=pad,
                        dtype=self.dtype, param_dtype=jnp.float32,
                        kernel_init=nn.initializers.normal(stddev=self.init_std),
-                       bias_init=_torch_bias_init(fan_in), name="conv")(x.astype(self.dtype))
+                       bias_init=_torch_bias_init(fan_in), conv_impl=self.conv_impl, name="conv")(x.astype(self.dtype))
 
 
 class GroupNorm32(nn.Module):
@@ -117,10 +118,11 @@ class ResBlockDown3D(nn.Module):
   epsilon: float = 1e-5
   init_std: float = 0.02
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    conv = dict(init_std=self.init_std, dtype=self.dtype)
+    conv = dict(init_std=self.init_std, dtype=self.dtype, conv_impl=self.conv_impl)
     h = nn.silu(GroupNorm32(self.num_groups, self.epsilon, name="norm1")(x))
     h = Conv3D(self.features, name="conv1", **conv)(h)
     if self.downsample:
@@ -148,6 +150,7 @@ class PatchDiscriminator3D(nn.Module):
   negative_slope: float = 0.2
   init_std: float = 0.02
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"  # the convolution algorithm ("auto": `xla` on TPU/GPU, the CPU forms on CPU)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -159,7 +162,7 @@ class PatchDiscriminator3D(nn.Module):
     if min(grid) < 1:
       raise ValueError(f"expected frames large enough for {self.n_layers} layers, got T, H, W = "
                        f"{tuple(x.shape[1:4])} (output grid would be {grid})")
-    conv = dict(init_std=self.init_std, dtype=self.dtype)
+    conv = dict(init_std=self.init_std, dtype=self.dtype, conv_impl=self.conv_impl)
     h = Conv3D(self.ndf, stride=2, name="conv_in", **conv)(x)
     h = nn.leaky_relu(h, self.negative_slope)
     for i, (features, down) in enumerate(channel_plan(self.ndf, self.n_layers)):

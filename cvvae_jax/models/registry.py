@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from cvvae_jax.models.conv_impl import resolve_conv_impl
 from cvvae_jax.models.discriminator import PatchDiscriminator3D
 from cvvae_jax.models.sd_vae import ImageVAE
 from cvvae_jax.models.vae3d import CVVAE
@@ -26,7 +27,7 @@ from cvvae_jax.models.vae3d import CVVAE
 MODEL_CLASSES = {"CVVAE": CVVAE, "ImageVAE": ImageVAE}
 KINDS = {"cvvae": CVVAE, "image_vae": ImageVAE}  # config.model.kind
 # Run-time choices, not architecture: never stored in a spec, settable as overrides.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "precision", "remat", "parent", "name")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "precision", "remat", "conv_impl", "upsample_impl", "parent", "name")
 # Compute dtypes by name (params stay float32).
 DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 
@@ -55,7 +56,9 @@ def model_spec(model: CVVAE | ImageVAE) -> dict[str, Any]:
 
 
 def model_from_spec(spec: Mapping[str, Any], **overrides) -> CVVAE | ImageVAE:
-  """The module a spec describes; `overrides` set run-time fields (e.g. `dtype=jnp.bfloat16`)."""
+  """The module a spec describes; `overrides` set run-time fields (e.g. `dtype=jnp.bfloat16`, `conv_impl="xla"`).
+
+  Run-time fields a spec leaves out (older specs have no `conv_impl`) take the module's defaults ("auto")."""
   cls = MODEL_CLASSES.get(spec.get("class"))
   if cls is None:
     raise ValueError(f"unknown model class {spec.get('class')!r}; expected one of {sorted(MODEL_CLASSES)}")
@@ -86,6 +89,14 @@ def with_dtype(model: nn.Module, dtype: Any = None) -> nn.Module:
     return model
   dtype = parse_dtype(dtype)
   return model.clone(dtype=dtype) if model.dtype != dtype else model
+
+
+def with_conv_impl(model: nn.Module, conv_impl: str | None = None) -> nn.Module:
+  """The model computing its convolutions with `conv_impl` (a `conv_impl.CONV_IMPLS` name; None: unchanged)."""
+  if conv_impl is None:
+    return model
+  resolve_conv_impl(conv_impl)  # a bad name is an error here, not at trace time
+  return model.clone(conv_impl=conv_impl) if model.conv_impl != conv_impl else model
 
 
 def example_input(model: nn.Module) -> jax.Array:

@@ -47,10 +47,11 @@ class ImageVAE(Autoencoder):
     style = image_style(self.padding)
     common = dict(block_out_channels=tuple(self.block_out_channels), style=style, num_groups=self.num_groups,
                   epsilon=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                  precision=self.precision, remat=self.remat)
+                  precision=self.precision, remat=self.remat, conv_impl=self.conv_impl,
+                  upsample_impl=self.upsample_impl)
     self.encoder = Encoder(layers_per_block=self.layers_per_block, latent_channels=self.latent_channels, **common)
     self.decoder = Decoder(layers_per_block=self.layers_per_block + 1, out_channels=self.out_channels, **common)
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, conv_impl=self.conv_impl)
     if self.use_quant_conv:
       self.quant_conv = layers.Conv(2 * self.latent_channels, (1, 1), **kw)
     if self.use_post_quant_conv:

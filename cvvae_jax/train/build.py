@@ -39,14 +39,17 @@ class Models:
 
 
 
-def build_vae(model_cfg: ml_collections.ConfigDict, dtype=jnp.float32, remat: bool = False) -> CVVAE | ImageVAE:
-  """`config.model` -> CVVAE or ImageVAE (`models.registry.build_model`) computing in `dtype`."""
-  return registry.build_model(model_cfg, dtype=dtype, remat=remat)
+def build_vae(model_cfg: ml_collections.ConfigDict, dtype=jnp.float32, remat: bool = False, conv_impl: str = "auto",
+              upsample_impl: str = "auto") -> CVVAE | ImageVAE:
+  """`config.model` -> CVVAE or ImageVAE (`models.registry.build_model`) computing in `dtype`, its convolutions by
+  `conv_impl` and `upsample_impl`."""
+  return registry.build_model(model_cfg, dtype=dtype, remat=remat, conv_impl=conv_impl, upsample_impl=upsample_impl)
 
 
 def build_models(config: ml_collections.ConfigDict, image_vae: ImageVAE | None) -> Models:
   dtype = registry.parse_dtype(config.train.compute_dtype, "config.train.compute_dtype")
-  vae = build_vae(config.model, dtype, config.train.remat)
+  impls = dict(conv_impl=config.train.conv_impl, upsample_impl=config.train.upsample_impl)
+  vae = build_vae(config.model, dtype, config.train.remat, **impls)
   weights = losses.LossWeights(**config.loss)
   if isinstance(vae, CVVAE) and (weights.reg_decoder_weight or weights.reg_encoder_weight) and image_vae is None:
     raise ValueError("config.loss.reg_decoder_weight/reg_encoder_weight need a frozen image VAE: set "
@@ -58,8 +61,8 @@ def build_models(config: ml_collections.ConfigDict, image_vae: ImageVAE | None) 
   if accum < 1:
     raise ValueError(f"config.train.grad_accum_steps: expected >= 1, got {accum}")
   return Models(
-      vae=vae, disc=PatchDiscriminator3D(**config.discriminator, dtype=dtype),
-      image_vae=image_vae.clone(dtype=dtype) if image_vae is not None and isinstance(vae, CVVAE) else None,
+      vae=vae, disc=PatchDiscriminator3D(**config.discriminator, dtype=dtype, conv_impl=config.train.conv_impl),
+      image_vae=image_vae.clone(dtype=dtype, **impls) if image_vae is not None and isinstance(vae, CVVAE) else None,
       weights=weights, tx=optim.make_generator_optimizer(config.optim),
       disc_tx=optim.make_discriminator_optimizer(config.optim),
       lr_schedule=optim.generator_lr_schedule(config.optim),

@@ -39,6 +39,11 @@ def train_section(scale: str) -> ml_collections.ConfigDict:
       alternate_updates=True,                        # G and D on alternate steps (released); False: both
       remat=False,                                   # jax.checkpoint per res block
       compute_dtype="float32",                       # "float32" | "bfloat16" (params stay float32)
+      # How convolutions are computed (every model of the run): "auto" (xla on TPU/GPU, the CPU forms on CPU) |
+      # "xla" | "cpu" | "cpu_taps" | "cpu_frames"; upsampling convolutions: "auto" (subpixel on CPU, else xla) |
+      # "xla" | "subpixel". Same params and results (models/conv_impl.py).
+      conv_impl="auto",
+      upsample_impl="auto",
   ))
 
 

@@ -54,7 +54,7 @@ def generator_objective(params, disc_params, frozen, x: Array, rng: Array, step:
     kernel = params["vae"]["decoder"]["conv_out"]["kernel"]
     bias = params["vae"]["decoder"]["conv_out"]["bias"]
     conv = lambda k: conv_ops.conv_apply(jax.lax.stop_gradient(h), k, bias, padding=decoder_style(models.vae)
-                                       .main_padding(), dtype=models.vae.dtype)
+                                       .main_padding(), dtype=models.vae.dtype, impl=models.vae.conv_impl)
     _, conv_vjp = jax.vjp(conv, jax.lax.stop_gradient(kernel))
     xh = jax.lax.stop_gradient(x_hat)
     grad_nll = conv_vjp(jax.grad(lambda v: nll_of(v)[0])(xh).astype(models.vae.dtype))[0]

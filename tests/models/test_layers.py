@@ -1,10 +1,10 @@
-"""layers: the sub-pixel upsample convolution equals nearest upsampling followed by the convolution."""
+"""layers: the sub-pixel upsample convolution equals nearest upsampling followed by the convolution; the CPU forms."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cvvae_jax.models import conv_ops, layers
+from cvvae_jax.models import conv_ops, cpu_conv, layers
 from tests.helpers import random_params
 
 ZEROS, REPLICATE = layers.Pad.ZEROS, layers.Pad.REPLICATE
@@ -28,7 +28,7 @@ def _arrays(x_shape, kernel_shape, seed=0):
 def test_upsample_conv_equals_nearest_then_conv_image(space):
   x, kernel, bias = _arrays((2, 5, 7, 4), (3, 3, 4, 6))
   padding = ((1, 1, space),) * 2
-  got = conv_ops.upsample_conv_apply(x, kernel, bias, padding=padding)
+  got = conv_ops.upsample_conv_apply(x, kernel, bias, padding=padding, impl="subpixel")
   want = _nearest_then_conv(x, kernel, bias, padding)
   assert got.shape == (2, 10, 14, 6)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
@@ -38,7 +38,7 @@ def test_upsample_conv_equals_nearest_then_conv_image(space):
 def test_upsample_conv_equals_nearest_then_conv_video(space, time):
   x, kernel, bias = _arrays((1, 3, 4, 6, 4), (3, 3, 3, 4, 8))
   padding = ((1, 1, time),) + ((1, 1, space),) * 2
-  got = conv_ops.upsample_conv_apply(x, kernel, bias, padding=padding)
+  got = conv_ops.upsample_conv_apply(x, kernel, bias, padding=padding, impl="subpixel")
   want = _nearest_then_conv(x, kernel, bias, padding)
   assert got.shape == (1, 3, 8, 12, 8)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
@@ -48,7 +48,8 @@ def test_upsample_conv_gradients_match():
   x, kernel, bias = _arrays((1, 2, 4, 5, 4), (3, 3, 3, 4, 4), seed=1)
   padding = ((1, 1, REPLICATE),) + ((1, 1, ZEROS),) * 2
   loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k, bias, padding=padding)))
-  got = jax.grad(loss(conv_ops.upsample_conv_apply), argnums=(0, 1))(x, kernel)
+  subpixel = lambda *a, **kw: conv_ops.upsample_conv_apply(*a, **kw, impl="subpixel")
+  got = jax.grad(loss(subpixel), argnums=(0, 1))(x, kernel)
   want = jax.grad(loss(lambda x, k, b, padding: _nearest_then_conv(x, k, b, padding)), argnums=(0, 1))(x, kernel)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
@@ -76,7 +77,8 @@ def test_upsample_layer_matches_its_definition(video, temporal, pad):
 def test_upsample_conv_bfloat16_rounds_once():
   x, kernel, bias = _arrays((1, 4, 4, 8), (3, 3, 8, 8), seed=3)
   padding = ((1, 1, ZEROS),) * 2
-  got = conv_ops.upsample_conv_apply(x, kernel, bias, padding=padding, dtype=jnp.bfloat16)
+  got = conv_ops.upsample_conv_apply(x, kernel, bias, padding=padding, dtype=jnp.bfloat16,
+                                     impl="subpixel")
   want = _nearest_then_conv(x, kernel, bias, padding)
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=5e-2, rtol=2e-2)
@@ -106,7 +108,8 @@ def _conv3d_reference(x, kernel, bias, strides, padding):
                                              ((1, 1, REPLICATE), 1), ((0, 0, ZEROS), 1), ((2, 0, REPLICATE), 2),
                                              ((1, 1, ZEROS), 2)])
 def test_conv3d_as_2d_matches_a_3d_convolution(frames, time_pad, stride):
-  """Time padding by shifted outputs (stride 1) and by a padded copy (stride 2) == the padded 3D convolution."""
+  """The CPU default (`auto`): time padding by shifted outputs (stride 1) and by a padded copy (stride 2) == the
+  padded 3D convolution."""
   if frames + time_pad[0] + time_pad[1] < 3:
     pytest.skip("kernel longer than the padded clip")
   x, kernel, bias = _arrays((2, frames, 5, 6, 3), (3, 3, 3, 3, 4), seed=frames)
@@ -127,35 +130,19 @@ def test_frame_loop_equals_the_tap_form(frames, time_pad, stride):
     pytest.skip("kernel longer than the padded clip")
   x, kernel, _ = _arrays((2, frames, 6, 5, 3), (3, 3, 3, 3, 4), seed=frames)
   static = ((stride, 2, 1), time_pad, ((1, 1), (0, 1)), None)
-  taps = conv_ops._conv3d_taps(x, kernel, *static)
-  np.testing.assert_array_equal(conv_ops._conv3d_frame_loop(x, kernel, *static), taps)
-  np.testing.assert_array_equal(conv_ops._conv3d_looped(x, kernel, *static), taps)
+  taps = cpu_conv.conv3d_taps(x, kernel, *static)
+  np.testing.assert_array_equal(cpu_conv.conv3d_frame_loop(x, kernel, *static), taps)
+  np.testing.assert_array_equal(cpu_conv.conv3d_looped(x, kernel, *static), taps)
   cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(taps.shape), jnp.float32)
   loss = lambda f: lambda x, k: jnp.sum(f(x, k, *static) * cotangent)
-  for got, want in zip(jax.grad(loss(conv_ops._conv3d_looped), (0, 1))(x, kernel),
-                       jax.grad(loss(conv_ops._conv3d_taps), (0, 1))(x, kernel)):
+  for got, want in zip(jax.grad(loss(cpu_conv.conv3d_looped), (0, 1))(x, kernel),
+                       jax.grad(loss(cpu_conv.conv3d_taps), (0, 1))(x, kernel)):
     np.testing.assert_array_equal(got, want)
 
 
-def test_large_frames_loop_over_time_on_cpu_only(monkeypatch):
-  """Frames of >= FRAME_LOOP_MIN_PIXELS take the frame loop (a while loop) on CPU; GPU lowering keeps the tap form."""
-  monkeypatch.setattr(conv_ops, "FRAME_LOOP_MIN_PIXELS", 6 * 5)
-  x, kernel, bias = _arrays((1, 5, 6, 5, 3), (3, 3, 3, 3, 4))
-  padding = ((2, 0, REPLICATE), (1, 1, ZEROS), (1, 1, ZEROS))
-  conv = jax.jit(lambda x, k: conv_ops.conv_apply(x, k, bias, padding=padding))
-  assert "while" in conv.lower(x, kernel).as_text()
-  assert "while" not in conv.trace(x, kernel).lower(lowering_platforms=("cuda",)).as_text()
-  small = jax.jit(lambda x, k: conv_ops.conv_apply(x[:, :, :5], k, bias, padding=padding))
-  assert "while" not in small.lower(x, kernel).as_text()
-  monkeypatch.setattr(conv_ops, "CPU_FORMS", False)  # CPU lowers the accelerators' program
-  assert "while" not in jax.jit(lambda x, k: conv_ops.conv_apply(x, k, bias, padding=padding)).lower(
-      x, kernel).as_text()
-  np.testing.assert_allclose(conv(x, kernel), _conv3d_reference(x, kernel, bias, (1, 1, 1), padding),
-                             atol=1e-5, rtol=1e-5)
-
-
 def test_kernels_derived_per_call_are_made_when_their_layer_runs(monkeypatch):
-  """Time-tap slices and upsampling phase kernels tied to their layer's input (CPU): same output, less memory.
+  """Time-tap slices and upsampling phase kernels tied to their layer's input (the CPU forms, `conv_impl="auto"`
+  on CPU): same output, less memory.
 
   Untied, XLA derives every layer's kernels at the program's start and keeps them all alive (measured on this
   64-128-channel decoder: 33 MB of temp untied, 21 MB tied)."""
@@ -166,7 +153,7 @@ def test_kernels_derived_per_call_are_made_when_their_layer_runs(monkeypatch):
   z = jax.random.normal(jax.random.PRNGKey(1), (1, 3, 4, 4, 4))
   decode = lambda: jax.jit(lambda p, z: vae.apply({"params": p}, z, method="decode")).lower(params, z).compile()
   tied = decode()
-  monkeypatch.setattr(conv_ops, "_kernel_when_used", lambda x, kernel: (x, kernel))
+  monkeypatch.setattr(cpu_conv, "tie_kernel", lambda x, kernel: kernel)
   untied = decode()
   assert tied.memory_analysis().temp_size_in_bytes < 0.75 * untied.memory_analysis().temp_size_in_bytes
   np.testing.assert_array_equal(tied(params, z), untied(params, z))

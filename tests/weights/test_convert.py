@@ -9,7 +9,6 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import cvvae_jax
-from cvvae_jax.models import conv_ops
 from cvvae_jax.weights import cli, convert, torch_format
 from tests import helpers
 
@@ -32,14 +31,16 @@ def test_regenerated_golden_weights_match_checksums(golden_dirs):
 
 
 @pytest.mark.parametrize("name", helpers.GOLDEN_NAMES + tuple(
-    pytest.param(n + "+frame_loop", id=n + "-frame_loop") for n in helpers.GOLDEN_NAMES if n.startswith("cvvae")))
-def test_golden_parity_with_the_original_pytorch_models(golden_dirs, name, monkeypatch):
-  """"+frame_loop": every 3D convolution one output frame at a time (the golden frames, 32x48, are below the
-  size where CPU takes that form by itself)."""
-  name, _, frame_loop = name.partition("+")
-  if frame_loop:
-    monkeypatch.setattr(conv_ops, "FRAME_LOOP_MIN_PIXELS", 0)
-  vae, params = cvvae_jax.load_pretrained(golden_dirs[name])
+    pytest.param(n + "+frame_loop", id=n + "-frame_loop") for n in helpers.GOLDEN_NAMES if n.startswith("cvvae"))
+    + tuple(pytest.param(n + "+xla", id=n + "-xla", marks=[pytest.mark.slow] if n.startswith("cvvae") else [])
+            for n in helpers.GOLDEN_NAMES))
+def test_golden_parity_with_the_original_pytorch_models(golden_dirs, name):
+  """"+frame_loop": every 3D convolution one output frame at a time (`conv_impl="cpu_frames"`; the golden frames,
+  32x48, are below the size where the CPU default takes that form by itself); "+xla": XLA's 3D convolutions and the
+  upsampled copy (the TPU/GPU program)."""
+  name, _, impl = name.partition("+")
+  impls = {"": {}, "frame_loop": dict(conv_impl="cpu_frames"), "xla": dict(conv_impl="xla", upsample_impl="xla")}
+  vae, params = cvvae_jax.load_pretrained(golden_dirs[name], **impls[impl])
   golden = np.load(f"{helpers.GOLDEN}/{name}.golden.npz")
   encode, decode = helpers.jit_method(vae, "encode"), helpers.jit_method(vae, "decode")
   inputs = ("video", "image") if isinstance(vae, cvvae_jax.CVVAE) else ("image",)
