@@ -15,6 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from cvvae_jax import paths
 from cvvae_jax.models import registry
 from cvvae_jax.weights import torch_format, workdir
 
@@ -23,28 +24,28 @@ PARAMS_DIR = "params"
 
 
 def save_flax(model, params, path: str) -> str:
-  """Writes our format: `path/model.json` and an Orbax checkpoint of the params in `path/params`."""
-  path = os.path.abspath(path)
-  os.makedirs(path, exist_ok=True)
+  """Writes our format: `path/model.json` and an Orbax checkpoint of the params in `path/params` (`path` local or
+  `gs://...`); returns `path` (local paths made absolute)."""
+  root = paths.path(path)
+  root.mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(path, PARAMS_DIR), jax.device_get(params), force=True)
-  with open(os.path.join(path, MODEL_JSON), "w") as f:
-    json.dump(registry.model_spec(model), f, indent=2)
-  return path
+    ckptr.save(root / PARAMS_DIR, jax.device_get(params), force=True)
+  paths.write_atomic(root / MODEL_JSON, json.dumps(registry.model_spec(model), indent=2))
+  return os.fspath(root)
 
 
 def is_flax_export(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, MODEL_JSON)) and os.path.isdir(os.path.join(path, PARAMS_DIR))
+  root = paths.path(path)
+  return (root / MODEL_JSON).is_file() and (root / PARAMS_DIR).is_dir()
 
 
 def load_flax(path: str, **overrides):
-  """(model, params) of our export; `overrides` set run-time model fields."""
-  path = os.path.abspath(path)
-  with open(os.path.join(path, MODEL_JSON)) as f:
-    model = registry.model_from_spec(json.load(f), **overrides)
+  """(model, params) of our export (local or `gs://...`); `overrides` set run-time model fields."""
+  root = paths.path(path)
+  model = registry.model_from_spec(json.loads((root / MODEL_JSON).read_text()), **overrides)
   target = traverse_util.unflatten_dict(registry.param_shapes(model), sep="/")
   with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(os.path.join(path, PARAMS_DIR), target)
+    params = ckptr.restore(root / PARAMS_DIR, target)
   return model, params
 
 
@@ -55,7 +56,7 @@ def load_pretrained(path: str, **overrides):
   Returns a Flax module (`CVVAE` or `ImageVAE`) and its `params` pytree (float32 arrays).
   """
   path = os.fspath(path)
-  if not os.path.exists(path):
+  if not paths.path(path).exists():
     raise FileNotFoundError(f"no such model path: {path}")
   if torch_format.is_torch_folder(path):
     return torch_format.load_torch_folder(path, **overrides)
@@ -63,7 +64,7 @@ def load_pretrained(path: str, **overrides):
     return load_flax(path, **overrides)
   if workdir.is_workdir(path):
     return workdir.load_model_from_workdir(path, **overrides)
-  found = sorted(os.listdir(path))[:10] if os.path.isdir(path) else "a file"
+  found = sorted(p.name for p in paths.path(path).iterdir())[:10] if paths.path(path).is_dir() else "a file"
   raise ValueError(f"{path} is not a model: expected an original PyTorch folder ({torch_format.CONFIG_NAME} + "
                    f"{torch_format.WEIGHTS_NAME}), our Flax export ({MODEL_JSON} + {PARAMS_DIR}/) or a training "
                    f"workdir with {workdir.CHECKPOINTS_DIR}/; found {found}")
