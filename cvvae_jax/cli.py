@@ -10,6 +10,7 @@ training run 1, as schedulers read a failed job), not a traceback; set `CVVAE_DE
 from __future__ import annotations
 
 import argparse
+import logging as std_logging
 import os
 import sys
 from typing import Callable, Mapping, Sequence
@@ -90,6 +91,8 @@ def show_info_logs() -> None:
     flags.FLAGS.mark_as_parsed()  # argparse parsed the command line; absl need not warn that flags are unparsed
   logging.use_absl_handler()
   logging.set_verbosity(logging.INFO)
+  for name in ("gcsfs", "fsspec"):  # they log every file read on a bucket at INFO
+    std_logging.getLogger(name).setLevel(std_logging.WARNING)
 
 
 def run(main: Callable[[], int | None], error_status: int = 2) -> int:

@@ -18,6 +18,7 @@ import os
 import uuid
 
 from etils import epath
+from etils.epath import backend as epath_backend
 
 
 def is_remote(p: str | os.PathLike) -> bool:
@@ -36,6 +37,19 @@ def path(p: str | os.PathLike) -> epath.Path:
 def normalize(p: str | os.PathLike) -> str:
   """`str(path(p))`: the one spelling of a path used for comparisons and messages."""
   return os.fspath(path(p))
+
+
+def refresh(p: str | os.PathLike) -> None:
+  """Forgets the folder listings under `p` that this process's fsspec filesystem cached (gcsfs keeps listings, so
+  a folder written since by another process, e.g. a trainer's new checkpoints, would look unchanged). No-op for
+  local paths."""
+  if not is_remote(p):
+    return
+  fs = epath_backend.fsspec_backend.fs(os.fspath(p))
+  key = fs._strip_protocol(os.fspath(p)).rstrip("/")  # fsspec's spelling of its cache keys
+  fs.invalidate_cache(key)  # the folder and its parents
+  for cached in [k for k in fs.dircache if k.startswith(key + "/")]:  # and what lies below it
+    fs.dircache.pop(cached, None)
 
 
 def write_atomic(p: str | os.PathLike, data: bytes | str) -> None:
@@ -68,3 +82,19 @@ def save_image(image, p: str | os.PathLike) -> None:
   buf = io.BytesIO()
   image.save(buf, format=os.path.splitext(os.fspath(p))[1].lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
   write_atomic(p, buf.getvalue())
+
+
+def copy_tree(local_dir: str, target: str | os.PathLike) -> list[str]:
+  """Copies every file under the local folder `local_dir` to the same relative path under `target` (local or
+  remote), overwriting; returns the relative paths copied."""
+  root, copied = path(target), []
+  for dirpath, _, filenames in os.walk(local_dir):
+    for name in filenames:
+      src = os.path.join(dirpath, name)
+      rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
+      dst = root / rel
+      dst.parent.mkdir(parents=True, exist_ok=True)
+      with open(src, "rb") as f:
+        dst.write_bytes(f.read())
+      copied.append(rel)
+  return sorted(copied)

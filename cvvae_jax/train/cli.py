@@ -24,10 +24,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _QuietLibraries:
-  """Drops INFO records of libraries that log every checkpoint/save step (orbax), keeping warnings."""
+  """Drops INFO records of libraries that log every checkpoint/save step (orbax) or every file read on a bucket
+  (gcsfs, fsspec), keeping warnings."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= 30 or "/orbax/" not in record.pathname
+    return record.levelno >= 30 or not any(lib in record.pathname for lib in ("/orbax/", "/gcsfs/", "/fsspec/"))
 
 
 def _main(argv) -> None:

@@ -82,18 +82,9 @@ class MirroredWriter(metric_writers.MultiWriter):
     self.target, self.local_dir = target, local_dir
     super().__init__([metric_writers.create_default_writer(local_dir, asynchronous=False)])
 
-  def _mirror(self) -> None:
-    for dirpath, _, filenames in os.walk(self.local_dir):
-      for name in filenames:
-        src = os.path.join(dirpath, name)
-        dst = self.target / os.path.relpath(src, self.local_dir)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        with open(src, "rb") as f:
-          dst.write_bytes(f.read())
-
   def flush(self) -> None:
     super().flush()
-    self._mirror()
+    paths.copy_tree(self.local_dir, self.target)
 
   def close(self) -> None:
     try:

@@ -50,6 +50,7 @@ class CheckpointReader:
 
   def __init__(self, workdir: str | os.PathLike, options: ocp.CheckpointManagerOptions | None = None):
     self.directory = checkpoint_dir(workdir)
+    paths.refresh(self.directory)  # on a bucket, list the steps as they are now (other processes may have saved)
     if options is None:
       # A reader never saves nor deletes: nothing is created, no leftovers cleaned, no save is ever due. (Orbax's
       # `read_only=True` would only add guards on save/delete, which a reader has not, and a warning per load.)

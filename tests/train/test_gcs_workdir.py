@@ -4,7 +4,8 @@
 Default suite: paths and atomic writes, a Flax export and a data folder on the bucket, TensorBoard events mirrored to
 it, `History.resume`, and a workdir that loads without warnings. Slow: `python train.py` on gs:// three times (the
 command a user restarts): straight for N steps; killed with SIGKILL after its step-2 checkpoint; the same command
-again, resuming from the bucket. Then `load_pretrained("gs://...")` and `evaluate.py --model gs://... --data gs://...`.
+again, resuming from the bucket. Then `load_pretrained("gs://...")` and `evaluate.py --model gs://... --data gs://...
+--out gs://...`.
 """
 from __future__ import annotations
 
@@ -77,6 +78,17 @@ def test_data_folder_on_a_bucket_lists_and_reads_like_a_local_one(gcs_server, tm
   assert [folders.read_file(f"{bucket}/clips", r) for r in listed] == [files[r] for r in listed]
   with pytest.raises(FileNotFoundError, match="does not exist"):
     folders.list_files(f"{bucket}/nothing_here")
+
+
+def test_refresh_shows_what_another_writer_added(gcs_server):
+  folder = epath.Path(gcs_server.bucket("listing") + "/ckpt")
+  (folder / "1" / "f").write_bytes(b"1")
+  assert [p.name for p in folder.iterdir()] == ["1"]
+  gcs_server.upload("listing", "ckpt/2/f", b"2")   # e.g. a trainer in another process saves step 2
+  assert [p.name for p in folder.iterdir()] == ["1"]  # gcsfs answers from its listing cache
+  paths.refresh(folder)
+  assert sorted(p.name for p in folder.iterdir()) == ["1", "2"]
+  paths.refresh("/a/local/path")  # nothing to forget
 
 
 def test_tensorboard_events_of_a_bucket_workdir_are_copied_there(gcs_server, tmp_path):
@@ -161,6 +173,9 @@ def gcs_runs(gcs_server):
 def test_gcs_run_killed_and_resumed_gives_identical_losses_and_history(gcs_runs, gcs_server):
   bucket = gcs_runs["bucket"]
   assert gcs_runs["ref"][0] == 0 and gcs_runs["killed"][0] == -signal.SIGKILL and gcs_runs["restarted"][0] == 0
+  restarted_log = gcs_runs["restarted"][1]
+  assert any("resumed from gs://train-runs/job/checkpoints" in line for line in restarted_log)
+  assert not any("AdaptiveReadaheadCache" in line or "read only" in line for line in restarted_log)
   c = gcs_runs["killed_steps"][-1]
   assert 2 <= c < N, gcs_runs["killed_steps"]
   # The killed run's history was written as it went: every step up to the kill (at least up to its checkpoint).
@@ -182,21 +197,25 @@ def test_gcs_run_killed_and_resumed_gives_identical_losses_and_history(gcs_runs,
 
 
 @pytest.mark.slow
-def test_evaluate_reads_a_gcs_model_and_gcs_data(gcs_runs, tmp_path):
+def test_evaluate_reads_a_gcs_model_and_data_and_writes_its_outputs_there(gcs_runs, gcs_server):
   bucket = gcs_runs["bucket"]
   src = os.path.join(os.path.dirname(embedded.prepare_embedded_dataset("~/.cache/cvvae_jax/data")),
                      "src", "video")
   for name in sorted(os.listdir(src))[:2]:
     with open(os.path.join(src, name), "rb") as f:
       epath.Path(f"{bucket}/clips/{name}").write_bytes(f.read())
-  out = tmp_path / "eval"
+  out = f"{bucket}/eval"
   cmd = [sys.executable, "evaluate.py", f"--model={bucket}/ref", f"--data={bucket}/clips", f"--out={out}",
          "--image_vae=none", "--frames=5", "--stride=2", "--resolution=16", "--batch_size=2", "--no-lpips", "--no-fvd",
          "--num_samples=0"]
   run = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT},
                        timeout=600)
   assert run.returncode == 0, run.stderr[-3000:]
-  report = json.loads((out / "metrics.json").read_text())
+  assert "| Method | Params enc+dec | Frame compression | PSNR" in run.stdout  # metrics.md, read from the bucket
+  assert "AdaptiveReadaheadCache" not in run.stderr  # fsspec's INFO line per file read stays quiet
+  written = gcs_server.objects("train-runs", "eval/")
+  assert {"eval/metrics.json", "eval/metrics.md", "eval/per_frame.png"} <= set(written), written
+  report = json.loads(epath.Path(f"{out}/metrics.json").read_text())
   assert report["models"]["model"]["class"] == "CVVAE" and report["models"]["model"]["path"] == f"{bucket}/ref"
   assert report["data"]["num_clips"] == 2 and report["data"]["num_skipped"] == 0
   assert 3.0 < report["results"]["recon/model"]["psnr"]["mean"] < 60.0
