@@ -91,7 +91,12 @@ def show_info_logs() -> None:
     flags.FLAGS.mark_as_parsed()  # argparse parsed the command line; absl need not warn that flags are unparsed
   logging.use_absl_handler()
   logging.set_verbosity(logging.INFO)
-  for name in ("gcsfs", "fsspec"):  # they log every file read on a bucket at INFO
+  quiet_io_logs()
+
+
+def quiet_io_logs() -> None:
+  """Warnings only from the file-system libraries under `gs://` paths, which log every file read at INFO."""
+  for name in ("gcsfs", "fsspec"):
     std_logging.getLogger(name).setLevel(std_logging.WARNING)
 
 

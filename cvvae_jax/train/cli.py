@@ -24,17 +24,17 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _QuietLibraries:
-  """Drops INFO records of libraries that log every checkpoint/save step (orbax) or every file read on a bucket
-  (gcsfs, fsspec), keeping warnings."""
+  """Drops INFO records of libraries that log every checkpoint/save step (orbax), keeping warnings."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= 30 or not any(lib in record.pathname for lib in ("/orbax/", "/gcsfs/", "/fsspec/"))
+    return record.levelno >= 30 or "/orbax/" not in record.pathname
 
 
 def _main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   std_logging.getLogger("absl").addFilter(_QuietLibraries())
+  cli.quiet_io_logs()  # gcsfs / fsspec: INFO per file read on a bucket
   distributed.initialize()
   if jax.process_index() > 0:
     logging.set_verbosity(logging.WARNING)  # INFO logs from process 0 only; warnings and errors from all

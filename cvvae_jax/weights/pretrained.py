@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import jax
 import orbax.checkpoint as ocp
@@ -60,6 +61,8 @@ def load_pretrained(path: str, **overrides):
     raise FileNotFoundError(f"no such model path: {path}")
   if torch_format.is_torch_folder(path):
     return torch_format.load_torch_folder(path, **overrides)
+  if _is_remote_torch_folder(path):
+    return _load_remote_torch_folder(path, **overrides)
   if is_flax_export(path):
     return load_flax(path, **overrides)
   if workdir.is_workdir(path):
@@ -68,6 +71,21 @@ def load_pretrained(path: str, **overrides):
   raise ValueError(f"{path} is not a model: expected an original PyTorch folder ({torch_format.CONFIG_NAME} + "
                    f"{torch_format.WEIGHTS_NAME}), our Flax export ({MODEL_JSON} + {PARAMS_DIR}/) or a training "
                    f"workdir with {workdir.CHECKPOINTS_DIR}/; found {found}")
+
+
+def _is_remote_torch_folder(path: str) -> bool:
+  root = paths.path(path)
+  return paths.is_remote(path) and all((root / n).is_file() for n in (torch_format.CONFIG_NAME,
+                                                                       torch_format.WEIGHTS_NAME))
+
+
+def _load_remote_torch_folder(path: str, **overrides):
+  """An original PyTorch folder on a bucket: its two files copied to a local temporary folder, then loaded."""
+  with tempfile.TemporaryDirectory(prefix="cvvae_torch_") as local:
+    for name in (torch_format.CONFIG_NAME, torch_format.WEIGHTS_NAME):
+      with open(os.path.join(local, name), "wb") as f:
+        f.write((paths.path(path) / name).read_bytes())
+    return torch_format.load_torch_folder(local, **overrides)  # arrays converted (copied) from the files
 
 
 def save_pretrained(model, params, out_dir: str) -> str:

@@ -29,6 +29,7 @@ from cvvae_jax import paths
 from cvvae_jax.data import embedded, folders
 from cvvae_jax.train import checkpoint, records
 from cvvae_jax.weights import workdir as workdir_lib
+from tests import helpers
 from tests.train.test_multihost import CONFIG, ROOT, N, _run, _steps
 
 LOSSES = ("loss/total", "loss/nll", "loss/kl", "disc/loss", "disc/logits_real")
@@ -64,6 +65,17 @@ def test_flax_export_on_a_bucket_loads_back(gcs_server):
   jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
   with pytest.raises(FileNotFoundError, match="no such model path: gs://models/missing"):
     cvvae_jax.load_pretrained("gs://models/missing")
+
+
+def test_original_pytorch_folder_on_a_bucket_loads_like_a_local_one(gcs_server, tmp_path):
+  local = helpers.write_golden_folder("sd21_image_vae_tiny", str(tmp_path / "torch"))
+  remote = gcs_server.bucket("torch-models") + "/sd21_image_vae_tiny"
+  for name in os.listdir(local):
+    epath.Path(f"{remote}/{name}").write_bytes((tmp_path / "torch" / name).read_bytes())
+  vae, params = cvvae_jax.load_pretrained(local)
+  remote_vae, remote_params = cvvae_jax.load_pretrained(remote)
+  assert remote_vae == vae
+  jax.tree_util.tree_map(np.testing.assert_array_equal, remote_params, params)
 
 
 def test_data_folder_on_a_bucket_lists_and_reads_like_a_local_one(gcs_server, tmp_path):
