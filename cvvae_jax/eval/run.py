@@ -126,7 +126,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
   devices = Devices(cfg.batch_size // jax.process_count(), cfg.devices)
   step = devices.jit(make_step(models, cfg))
   rfvd_features = devices.jit(make_features(models), replicated=1, sharded=2) if fvd_on else None
-  params = {k: e.params for k, e in models.entries.items()}
+  # On the host: a training workdir's params come committed to one device, the step replicates them over the mesh.
+  params = {k: jax.device_get(e.params) for k, e in models.entries.items()}
   metric_names = [m for m in METRICS if m != "lpips" or cfg.lpips]
   lead = jax.process_index() == 0
   logging.info("evaluate: %d device(s) over %d process(es), rFVD %s", devices.mesh.size, jax.process_count(),

@@ -4,8 +4,8 @@
 Default suite: paths and atomic writes, a Flax export and a data folder on the bucket, TensorBoard events mirrored to
 it, `History.resume`, and a workdir that loads without warnings. Slow: `python train.py` on gs:// three times (the
 command a user restarts): straight for N steps; killed with SIGKILL after its step-2 checkpoint; the same command
-again, resuming from the bucket. Then `load_pretrained("gs://...")` and `evaluate.py --model gs://... --data gs://...
---out gs://...`.
+again, resuming from the bucket; `load_pretrained("gs://...")` reads both. And `evaluate.py --model gs://... --data
+gs://... --out gs://...` on a workdir saved to the bucket.
 """
 from __future__ import annotations
 
@@ -209,8 +209,13 @@ def test_gcs_run_killed_and_resumed_gives_identical_losses_and_history(gcs_runs,
 
 
 @pytest.mark.slow
-def test_evaluate_reads_a_gcs_model_and_data_and_writes_its_outputs_there(gcs_runs, gcs_server):
-  bucket = gcs_runs["bucket"]
+def test_evaluate_reads_a_gcs_model_and_data_and_writes_its_outputs_there(gcs_server):
+  bucket = gcs_server.bucket("eval-runs")
+  vae = cvvae_jax.CVVAE(variant="sd21", block_out_channels=(32, 32, 32, 32), latent_channels=4)
+  params = jax.jit(vae.init)(jax.random.PRNGKey(1), jnp.zeros((1, 5, 16, 16, 3)))["params"]
+  manager = checkpoint.CheckpointManager(f"{bucket}/ref", enable_async_checkpointing=False)  # a training workdir
+  manager.save(1, {"params": {"vae": params}}, checkpoint.make_meta(model=vae), force=True)
+  manager.close()
   src = os.path.join(os.path.dirname(embedded.prepare_embedded_dataset("~/.cache/cvvae_jax/data")),
                      "src", "video")
   for name in sorted(os.listdir(src))[:2]:
@@ -225,7 +230,7 @@ def test_evaluate_reads_a_gcs_model_and_data_and_writes_its_outputs_there(gcs_ru
   assert run.returncode == 0, run.stderr[-3000:]
   assert "| Method | Params enc+dec | Frame compression | PSNR" in run.stdout  # metrics.md, read from the bucket
   assert "AdaptiveReadaheadCache" not in run.stderr  # fsspec's INFO line per file read stays quiet
-  written = gcs_server.objects("train-runs", "eval/")
+  written = gcs_server.objects("eval-runs", "eval/")
   assert {"eval/metrics.json", "eval/metrics.md", "eval/per_frame.png"} <= set(written), written
   report = json.loads(epath.Path(f"{out}/metrics.json").read_text())
   assert report["models"]["model"]["class"] == "CVVAE" and report["models"]["model"]["path"] == f"{bucket}/ref"
