@@ -11,6 +11,7 @@ see the traceback.
 from __future__ import annotations
 
 import argparse
+import logging as std_logging
 import os
 import sys
 from typing import Callable, Mapping, Sequence
@@ -99,6 +100,13 @@ def show_info_logs() -> None:
     flags.FLAGS.mark_as_parsed()  # argparse parsed the command line; absl need not warn that flags are unparsed
   logging.use_absl_handler()
   logging.set_verbosity(logging.INFO)
+  quiet_io_logs()
+
+
+def quiet_io_logs() -> None:
+  """Warnings only from the file-system libraries under `gs://` paths, which log every file read at INFO."""
+  for name in ("gcsfs", "fsspec"):
+    std_logging.getLogger(name).setLevel(std_logging.WARNING)
 
 
 def run(main: Callable[[], int | None], error_status: int = 2) -> int:

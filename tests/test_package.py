@@ -24,7 +24,7 @@ MAY_IMPORT = {
     "eval": {"models", "data", "weights", "inference"},
     "latents": {"models", "data", "weights", "inference"},
 }
-BASE = {"cli", "distributed", "metrics", "utils"}  # top-level modules below every subpackage: they import no other part
+BASE = {"cli", "distributed", "metrics", "paths", "utils"}  # top-level modules below every subpackage: they import no other part
 FACES = {"__init__", "tiling", "convert", "reconstruct", "encode_latents"}  # the public face and the old module paths
 MAX_LINES = 450
 ENTRY_POINTS = {"cvvae-train": "cvvae_jax.train.cli:main", "cvvae-eval": "cvvae_jax.eval.cli:main",

@@ -32,6 +32,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
+from cvvae_jax import paths
 from cvvae_jax.data import folders
 from cvvae_jax.data.sampling import Kind
 
@@ -67,12 +68,12 @@ class _FolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     )
 
   def _split_generators(self, dl_manager):
-    root = os.fspath(dl_manager.manual_dir)
-    if not os.path.isdir(root):
+    root = os.fspath(dl_manager.manual_dir)  # local or gs://...
+    if not paths.path(root).is_dir():
       raise FileNotFoundError(f"expected manual_dir to be a folder of {self.KIND.value} files, got {root!r}")
-    entries = [e for e in os.listdir(root) if not e.startswith(".")]
-    if entries and all(e in SPLIT_NAMES and os.path.isdir(os.path.join(root, e)) for e in entries):
-      folders = {e: os.path.join(root, e) for e in sorted(entries)}
+    entries = [e.name for e in paths.path(root).iterdir() if not e.name.startswith(".")]
+    if entries and all(e in SPLIT_NAMES and (paths.path(root) / e).is_dir() for e in entries):
+      folders = {e: os.fspath(paths.path(root) / e) for e in sorted(entries)}
     else:
       folders = {"train": root}
     self._skipped: dict[str, str] = {}
@@ -131,7 +132,7 @@ def prepare_folder(kind: str, folder: str, data_dir: str, *,
   """
   if kind not in BUILDERS:
     raise ValueError(f"expected kind 'video' or 'image', got {kind!r}")
-  folder = os.path.abspath(os.path.expanduser(folder))
+  folder = paths.normalize(folder)
   folders.list_files(folder)  # a clear error for a missing folder
   builder = BUILDERS[kind](data_dir=os.path.expanduser(data_dir), file_format=file_format)
   builder.download_and_prepare(

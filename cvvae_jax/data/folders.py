@@ -2,7 +2,8 @@
 
 `scan_folder` is what both readers of a user's folder share: `sources.FolderSource` (training and evaluation read
 the folder directly) and the TFDS builders (`builders.py`, which prepare it once), so a folder and its TFDS copy
-hold the same files in the same order, bad files left out by the same probe.
+hold the same files in the same order, bad files left out by the same probe. Folders may be local or on a bucket
+(`gs://...`, through `etils.epath`).
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from cvvae_jax import paths
 from cvvae_jax.data import media
 from cvvae_jax.data.sampling import Kind
 
 
-
 def list_files(root: str) -> list[str]:
-  """All files under `root`, recursively, as sorted relative POSIX paths (hidden dirs skipped)."""
+  """All files under `root` (local or `gs://...`), recursively, as sorted relative POSIX paths (hidden dirs
+  skipped)."""
+  if paths.is_remote(root):
+    return _list_remote(paths.path(root))
   if not os.path.isdir(root):
     raise FileNotFoundError(f"expected a folder of media files, got {root!r}, which "
                             f"{'is not a folder' if os.path.exists(root) else 'does not exist'}")
@@ -28,6 +32,30 @@ def list_files(root: str) -> list[str]:
     for name in filenames:
       out.append(os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/"))
   return sorted(out)
+
+
+def _list_remote(root) -> list[str]:
+  """`list_files` of a bucket folder (an `epath.Path`): the objects under its prefix."""
+  if not root.is_dir():
+    raise FileNotFoundError(f"expected a folder of media files, got {os.fspath(root)!r}, which "
+                            f"{'is not a folder' if root.exists() else 'does not exist'}")
+  def key(p) -> str:  # "bucket/a/b" whether or not the backend's walk keeps the "gs://"
+    return os.fspath(p).split("://", 1)[-1].strip("/")
+
+  out, prefix = [], key(root)
+  for dirpath, dirnames, filenames in root.walk():
+    dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    rel_dir = key(dirpath)[len(prefix):].strip("/")
+    out.extend(f"{rel_dir}/{name}" if rel_dir else name for name in filenames)
+  return sorted(out)
+
+
+def read_file(root: str, rel: str) -> bytes:
+  """The bytes of `root/rel` (local or remote)."""
+  if paths.is_remote(root):
+    return (paths.path(root) / rel).read_bytes()
+  with open(os.path.join(root, rel), "rb") as f:
+    return f.read()
 
 
 def probe(kind: Kind, data: bytes) -> dict[str, Any]:
@@ -60,10 +88,8 @@ def scan_folder(root: str, kind: Kind, *, workers: int = 4,
               f"(expected one of {', '.join(extensions)})")
 
   def load(rel: str):
-    path = os.path.join(root, rel)
     try:
-      with open(path, "rb") as f:
-        data = f.read()
+      data = read_file(root, rel)
       return rel, data, probe(kind, data), None
     except media.BadInput as e:
       return rel, None, None, e.reason

@@ -21,7 +21,8 @@ from typing import Any, Protocol
 import tensorflow_datasets as tfds
 from etils import epath
 
-from cvvae_jax.data import builders, embedded, media
+from cvvae_jax import paths
+from cvvae_jax.data import builders, embedded, folders, media
 from cvvae_jax.data.folders import scan_folder
 from cvvae_jax.data.sampling import Kind
 from cvvae_jax.data.stats import DataStats
@@ -44,7 +45,7 @@ class FolderSource:
   """Files of one kind under a folder, probed once at start-up (bad files skipped and counted)."""
 
   def __init__(self, root: str, kind: Kind, *, stats: DataStats, workers: int = 4):
-    self.root = os.path.abspath(os.path.expanduser(root))
+    self.root = paths.normalize(root)  # local (made absolute) or gs://...
     self.kind = kind
     self.name = f"folder:{self.root}"
     self._entries = []
@@ -60,11 +61,10 @@ class FolderSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     entry = self._entries[index]
-    with open(os.path.join(self.root, entry["key"]), "rb") as f:
-      return {**entry, "data": f.read()}
+    return {**entry, "data": folders.read_file(self.root, entry["key"])}
 
   def locate(self, key: str) -> str:
-    return os.path.join(self.root, key)
+    return f"{self.root.rstrip('/')}/{key}"
 
   def describe(self, index: int) -> str:
     return self.locate(self._entries[index]["key"])

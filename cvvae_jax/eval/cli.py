@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 
 import jax
 from absl import logging
 
-from cvvae_jax import cli, distributed
+from cvvae_jax import cli, distributed, paths
 from cvvae_jax.eval import run
 from cvvae_jax.eval.config import COMPAT_PSI, PROTOCOLS, EvalConfig
 from cvvae_jax.inference import plan
@@ -95,8 +94,7 @@ def main(argv=None) -> int:
     cfg = EvalConfig(**{k: v for k, v in vars(args).items() if k in fields})
     report = run.evaluate(cfg)
     if jax.process_index() == 0:  # process 0 writes the outputs
-      with open(os.path.join(args.out, "metrics.md")) as f:
-        print(f.read())
+      print((paths.path(args.out) / "metrics.md").read_text())
     logging.info("evaluate: %d clips in %.1f s", report["data"]["num_clips"], report["timing"]["total_s"])
 
   return cli.run(evaluate)

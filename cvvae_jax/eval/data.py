@@ -7,7 +7,7 @@ import os
 
 import jax
 
-from cvvae_jax import metrics
+from cvvae_jax import metrics, paths
 from cvvae_jax.data import config as data_config_lib
 from cvvae_jax.data import folders, media, sources
 from cvvae_jax.eval.config import EMBEDDED, EvalConfig, EvaluationError
@@ -54,11 +54,12 @@ def resolve_data(cfg: EvalConfig) -> DataSpec:
     if kind not in ("video", "image"):
       raise EvaluationError(f"--data {data}: expected 'embedded', 'embedded:video' or 'embedded:image'")
     return DataSpec(kind=kind, source="embedded")
-  if os.path.exists(data):
-    if not os.path.isdir(data):
-      raise EvaluationError(f"--data {data}: expected a folder of videos or images (or a TFDS name), got a file")
+  if paths.is_remote(data) or os.path.exists(data):
+    if not paths.path(data).is_dir():
+      raise EvaluationError(f"--data {data}: expected a folder of videos or images (or a TFDS name), got "
+                            f"{'a file' if paths.path(data).exists() else 'a path that does not exist'}")
     kind = _folder_kind(data) if cfg.data_kind == "auto" else cfg.data_kind
-    return DataSpec(kind=kind, source="folder", path=os.path.abspath(data))
+    return DataSpec(kind=kind, source="folder", path=paths.normalize(data))
   try:
     builder = sources.prepared_builder(data, cfg.data_dir)
   except FileNotFoundError as e:

@@ -8,6 +8,7 @@ from typing import Any, Mapping, Optional
 import jax
 import numpy as np
 
+from cvvae_jax import paths
 from cvvae_jax.eval.config import NONE, EvalConfig, EvaluationError
 from cvvae_jax.models import registry
 from cvvae_jax.models.vae3d import CVVAE
@@ -59,7 +60,7 @@ def _load(role: str, path: str, dtype: str, conv_impl: str = "auto") -> Entry:
   except (FileNotFoundError, ValueError, TypeError) as e:
     raise EvaluationError(f"--{role} {path}: cannot load the model: {e}") from e
   model = registry.with_conv_impl(registry.with_dtype(model, dtype), conv_impl)
-  return Entry(role=role, path=os.path.abspath(path), model=model, params=params)
+  return Entry(role=role, path=paths.normalize(path), model=model, params=params)
 
 
 def recorded_image_vae(path: str) -> str:
@@ -102,7 +103,7 @@ def load_models(cfg: EvalConfig) -> Models:
     models.compat_note = "off (--image_vae none)"
     return models
   if cfg.image_vae:  # explicit: must fit, or it is an error
-    same = [k for k, e in entries.items() if e.path == os.path.abspath(cfg.image_vae)]
+    same = [k for k, e in entries.items() if e.path == paths.normalize(cfg.image_vae)]
     image_key = same[0] if same else "image_vae"
     if not same:
       entries["image_vae"] = _load("image_vae", cfg.image_vae, cfg.dtype, cfg.conv_impl)
@@ -118,7 +119,7 @@ def load_models(cfg: EvalConfig) -> Models:
     source = f"--{image_key}"
     if image_key is None and cv_key is not None:
       recorded = recorded_image_vae(entries[cv_key].path)
-      if recorded and os.path.exists(recorded):
+      if recorded and paths.path(recorded).exists():
         entries["image_vae"] = _load("image_vae", recorded, cfg.dtype, cfg.conv_impl)
         image_key, source = "image_vae", f"image_vae.path recorded in {entries[cv_key].path}"
       elif recorded:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any, Mapping, Sequence
 
@@ -22,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from cvvae_jax import data as data_lib
+from cvvae_jax import paths as paths_lib
 from cvvae_jax.eval import fvd as fvd_lib
 from cvvae_jax.eval import plots
 from cvvae_jax.eval.accumulator import Accumulator
@@ -94,6 +97,7 @@ class Devices:
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
   """Runs the whole evaluation and writes every output into `cfg.out` (process 0); returns the metrics.json content.
+  A remote `cfg.out` (`gs://...`) gets them once complete, from a local temporary folder.
 
   Raises:
     EvaluationError: settings, models and data that do not fit (before any clip is read or anything compiled).
@@ -122,13 +126,15 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
   devices = Devices(cfg.batch_size // jax.process_count(), cfg.devices)
   step = devices.jit(make_step(models, cfg))
   rfvd_features = devices.jit(make_features(models), replicated=1, sharded=2) if fvd_on else None
-  params = {k: e.params for k, e in models.entries.items()}
+  # On the host: a training workdir's params come committed to one device, the step replicates them over the mesh.
+  params = {k: jax.device_get(e.params) for k, e in models.entries.items()}
   metric_names = [m for m in METRICS if m != "lpips" or cfg.lpips]
   lead = jax.process_index() == 0
   logging.info("evaluate: %d device(s) over %d process(es), rFVD %s", devices.mesh.size, jax.process_count(),
                fvd_note)
 
-  samples_dir = os.path.join(cfg.out, "samples")
+  out = tempfile.mkdtemp(prefix="cvvae_eval_") if paths_lib.is_remote(cfg.out) and lead else cfg.out
+  samples_dir = os.path.join(out, "samples")
   acc, latent_stats, features = Accumulator(), LatentCompat(), {}
   pictures_written: list[str] = []
   num_batches = len(eval_data)
@@ -189,10 +195,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
   report = build_report(cfg, models, spec, acc, skipped, metric_names, sections)
   report["timing"] = {"total_s": time.perf_counter() - start, "first_step_s": first_step_s}
   if lead:
-    written = write_outputs(cfg.out, report, acc, models, metric_names, features)
-    report["pictures"] = sorted(os.path.relpath(p, cfg.out) for p in pictures_written) + written
-    with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
+    written = write_outputs(out, report, acc, models, metric_names, features)
+    report["pictures"] = sorted(os.path.relpath(p, out) for p in pictures_written) + written
+    with open(os.path.join(out, "metrics.json"), "w") as f:
       json.dump(json_safe(report), f, indent=1, allow_nan=False)
+    if out != cfg.out:
+      paths_lib.copy_tree(out, cfg.out)
+      shutil.rmtree(out, ignore_errors=True)
     logging.info("evaluate: %d clips, outputs in %s", acc.num_clips, cfg.out)
   return report
 

@@ -45,7 +45,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from cvvae_jax import utils
+from cvvae_jax import paths, utils
 from cvvae_jax.models import registry
 from cvvae_jax.weights import workdir as workdir_lib
 from cvvae_jax.weights.workdir import STATE, META, CheckpointReader
@@ -190,6 +190,7 @@ class CheckpointManager(CheckpointReader):
   def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
     """`restore(latest_step(), abstract_state)`, or None when no committed checkpoint exists."""
     self.wait_until_finished()
+    paths.refresh(self.directory)
     self.manager.reload()
     step = self.latest_step()
     if step is None:

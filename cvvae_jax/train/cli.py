@@ -34,6 +34,7 @@ def _main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   std_logging.getLogger("absl").addFilter(_QuietLibraries())
+  cli.quiet_io_logs()  # gcsfs / fsspec: INFO per file read on a bucket
   distributed.initialize()
   if jax.process_index() > 0:
     logging.set_verbosity(logging.WARNING)  # INFO logs from process 0 only; warnings and errors from all

@@ -11,7 +11,7 @@ checkpointed.
 from __future__ import annotations
 
 import functools
-import os
+import json
 import time
 from typing import Any
 
@@ -19,10 +19,11 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import periodic_actions
 from flax import traverse_util
 
 from cvvae_jax import data as data_lib
+from cvvae_jax import paths
 from cvvae_jax.models import registry
 from cvvae_jax.train import build, checkpoint, probe as probe_lib, records, sharding
 from cvvae_jax.train.state import TrainState, init_state
@@ -30,9 +31,10 @@ from cvvae_jax.train.step import MetricWindow, TrainStep
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains per `config` in `workdir` (resuming its latest checkpoint); returns the final state."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
+  """Trains per `config` in `workdir` (a local folder or `gs://...`; resuming its latest checkpoint); returns the
+  final state. Process 0 also writes `config.json`, `history.json` (as it goes), `loss_curves.png` (at each
+  checkpoint and at the end), TensorBoard events and `images/` there."""
+  workdir = paths.path(workdir)
   build.validate_config(config)
   if config.optim.generator.total_steps != config.train.num_steps:
     logging.warning("config.optim.generator.total_steps=%d differs from config.train.num_steps=%d: the generator's "
@@ -62,7 +64,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   extra = {"image_vae": {"path": config.image_vae.path, "model": registry.model_spec(image_vae)}} if image_vae is not None else {}
   meta = checkpoint.make_meta(model=models.vae, config=config, **extra)
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_lead)
+  if is_lead:
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths.write_atomic(workdir / "config.json", json.dumps(meta["config"], indent=2))
+  writer = records.create_writer(workdir, just_logging=not is_lead)
   if start_step == 0 and is_lead:
     writer.write_hparams(_flat_config(config))
   num_steps = int(config.train.num_steps)
@@ -70,6 +75,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                            every_steps=config.train.log_every_steps)
   reached_preemption = checkpoint.install_preemption_handler()
   history = records.History(writer)
+  if is_lead and start_step > 0:
+    history.resume(workdir, start_step)
   batches = data_lib.create_train_iterator(config.data, seed=config.data.seed, start_step=start_step)
   probe = probe_lib.load_probe(config, models) if config.train.eval_every_steps > 0 else None
   probe_every = config.train.eval_every_steps
@@ -103,12 +110,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         pictures, x_hat, decoded = reconstructor(state.params, picture_batch)  # every process; process 0 writes
         if is_lead:
           grid = records.reconstruction_grid(pictures, x_hat, decoded)
-          records.save_png(os.path.join(workdir, "images", f"reconstruction_{step:07d}.png"), grid)
+          records.save_png(workdir / "images" / f"reconstruction_{step:07d}.png", grid)
           writer.write_images(step, {"reconstruction": grid[None]})
       if probe is not None and (step % probe_every == 0 or step == num_steps):
         _probe(reconstructor, state, probe, config, models, history, step)
       preempted = reached_preemption(step)
-      if manager.should_save(step) or step == num_steps or preempted:
+      saving = manager.should_save(step) or step == num_steps or preempted
+      if is_lead and (history.changed or saving):  # before the checkpoint: a resume finds every step up to it
+        history.save(workdir, curves=records.CURVES if saving else None)
+        writer.flush()
+      if saving:
         manager.save(step, state, {**meta, "data": batches.state()}, force=True)
       if preempted:
         logging.warning("preemption signal: saved step %d, exiting", step)
@@ -116,7 +127,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   finally:
     manager.wait_until_finished()
     batches.close()
-    writer.flush()
+    writer.close()
   if is_lead:
     history.save(workdir)
   return state

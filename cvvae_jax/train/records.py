@@ -1,13 +1,32 @@
 """What a run writes besides checkpoints: its scalars (TensorBoard, via clu's writer, and `history.json`), loss
-curves and reconstruction grids (PNG)."""
+curves and reconstruction grids (PNG), into a local or `gs://` workdir (`cvvae_jax.paths`).
+
+`history.json` is rewritten (atomically) as the run goes and, on resume, read back up to the restored step, so a
+preempted and resumed run's history and curves hold every recorded step since step 0 exactly once.
+
+TensorBoard events of a remote workdir are written to a local folder and copied to the workdir at every flush
+(`create_writer`): TF's own GCS filesystem, which `tf.summary` would use for `gs://`, has the GCS endpoint built in
+(it cannot be pointed at another server, e.g. a local emulator, so it could not be tested), and object stores do not
+append: each copy rewrites the events objects, as TF's GCS writer would on each flush.
+"""
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
 import numpy as np
+from absl import logging
+from clu import metric_writers
+from etils import epath
 from matplotlib.figure import Figure
 from PIL import Image
+
+from cvvae_jax import paths
+
+HISTORY_JSON = "history.json"
+CURVES_PNG = "loss_curves.png"
 
 CURVES = ("loss/total", "loss/nll", "rec/l1", "loss/reg_decoder", "loss/kl", "disc/loss", "val/rec_l1", "val/reg_l1",
           "val/psnr", "val/reg_psnr")
@@ -19,19 +38,68 @@ class History:
   def __init__(self, writer):
     self.writer = writer
     self.values: dict[str, list[tuple[int, float]]] = {}
+    self.changed = False  # records since the last `save`
 
   def record(self, step: int, scalars: dict[str, float]) -> None:
     self.writer.write_scalars(step, scalars)
     for k, v in scalars.items():
-      self.values.setdefault(k, []).append((step, v))
+      self.values.setdefault(k, []).append((int(step), float(v)))
+    self.changed = bool(scalars) or self.changed
 
-  def save(self, workdir: str, curves: tuple[str, ...] = CURVES) -> None:
-    """`workdir/loss_curves.png` (the `curves` recorded) and `workdir/history.json`."""
+  def resume(self, workdir: str | os.PathLike, step: int) -> None:
+    """Takes the entries of `workdir/history.json` up to `step` (the restored checkpoint's), dropping later ones:
+    the steps after it run again. A missing file leaves the history empty."""
+    p = paths.path(workdir) / HISTORY_JSON
+    if not p.exists():
+      if step > 0:
+        logging.warning("no %s in %s: the history starts at the resumed step %d", HISTORY_JSON, workdir, step)
+      return
+    try:
+      saved = json.loads(p.read_text())
+    except ValueError as e:
+      raise ValueError(f"{p}: expected the JSON history of this run ({{name: [[step, value], ...]}}): {e}") from e
+    kept = {k: [(int(s), v) for s, v in pairs if int(s) <= step] for k, pairs in saved.items()}
+    self.values = {k: pairs for k, pairs in kept.items() if pairs}
+    self.changed = True
+
+  def save(self, workdir: str | os.PathLike, curves: tuple[str, ...] | None = CURVES) -> None:
+    """`workdir/history.json` and (unless `curves` is None) `workdir/loss_curves.png` of the `curves` recorded,
+    each written atomically."""
     if not self.values:
       return
-    plot_curves(os.path.join(workdir, "loss_curves.png"), self.values, curves)
-    with open(os.path.join(workdir, "history.json"), "w") as f:
-      json.dump(self.values, f)
+    root = paths.path(workdir)
+    paths.write_atomic(root / HISTORY_JSON, json.dumps(self.values))
+    if curves is not None:
+      plot_curves(root / CURVES_PNG, self.values, curves)
+    self.changed = False
+
+
+class MirroredWriter(metric_writers.MultiWriter):
+  """clu's default writer on a local folder whose files are copied into `target` (a remote folder) at every
+  `flush` and at `close`."""
+
+  def __init__(self, target: epath.Path, local_dir: str):
+    self.target, self.local_dir = target, local_dir
+    super().__init__([metric_writers.create_default_writer(local_dir, asynchronous=False)])
+
+  def flush(self) -> None:
+    super().flush()
+    paths.copy_tree(self.local_dir, self.target)
+
+  def close(self) -> None:
+    try:
+      self.flush()
+    finally:
+      super().close()
+      shutil.rmtree(self.local_dir, ignore_errors=True)
+
+
+def create_writer(workdir: str | os.PathLike, *, just_logging: bool = False) -> metric_writers.MetricWriter:
+  """The run's metric writer: logs, plus TensorBoard events in `workdir` (unless `just_logging`, as on processes
+  other than 0). A remote workdir gets its events through a local folder (`MirroredWriter`, see module doc)."""
+  if just_logging or not paths.is_remote(workdir):
+    return metric_writers.create_default_writer(os.fspath(workdir), just_logging=just_logging)
+  return MirroredWriter(paths.path(workdir), tempfile.mkdtemp(prefix="cvvae_events_"))
 
 
 def reconstruction_grid(video: np.ndarray, x_hat: np.ndarray, decoded: np.ndarray | None,
@@ -52,12 +120,12 @@ def reconstruction_grid(video: np.ndarray, x_hat: np.ndarray, decoded: np.ndarra
   return np.clip((grid + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
 
 
-def save_png(path: str, image: np.ndarray) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(image).save(path)
+def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
+  """uint8 `[H, W, 3]` as a PNG at `path` (local or remote), written atomically."""
+  paths.save_image(Image.fromarray(image), path)
 
 
-def plot_curves(path: str, history: dict[str, list[tuple[int, float]]], keys: tuple[str, ...]) -> None:
+def plot_curves(path: str | os.PathLike, history: dict[str, list[tuple[int, float]]], keys: tuple[str, ...]) -> None:
   """A grid of one curve per recorded key (log scale when all values are positive)."""
   keys = [k for k in keys if history.get(k)]
   if not keys:
@@ -76,5 +144,5 @@ def plot_curves(path: str, history: dict[str, list[tuple[int, float]]], keys: tu
     if min(values) > 0:
       ax.set_yscale("log")
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
+  paths.save_figure(fig, path, dpi=80)
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from cvvae_jax import paths
 from cvvae_jax.models import registry
 from cvvae_jax.weights import hub, torch_format, workdir
 
@@ -25,28 +27,28 @@ PARAMS_DIR = "params"
 
 
 def save_flax(model, params, path: str) -> str:
-  """Writes our format: `path/model.json` and an Orbax checkpoint of the params in `path/params`."""
-  path = os.path.abspath(path)
-  os.makedirs(path, exist_ok=True)
+  """Writes our format: `path/model.json` and an Orbax checkpoint of the params in `path/params` (`path` local or
+  `gs://...`); returns `path` (local paths made absolute)."""
+  root = paths.path(path)
+  root.mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(path, PARAMS_DIR), jax.device_get(params), force=True)
-  with open(os.path.join(path, MODEL_JSON), "w") as f:
-    json.dump(registry.model_spec(model), f, indent=2)
-  return path
+    ckptr.save(root / PARAMS_DIR, jax.device_get(params), force=True)
+  paths.write_atomic(root / MODEL_JSON, json.dumps(registry.model_spec(model), indent=2))
+  return os.fspath(root)
 
 
 def is_flax_export(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, MODEL_JSON)) and os.path.isdir(os.path.join(path, PARAMS_DIR))
+  root = paths.path(path)
+  return (root / MODEL_JSON).is_file() and (root / PARAMS_DIR).is_dir()
 
 
 def load_flax(path: str, **overrides):
-  """(model, params) of our export; `overrides` set run-time model fields."""
-  path = os.path.abspath(path)
-  with open(os.path.join(path, MODEL_JSON)) as f:
-    model = registry.model_from_spec(json.load(f), **overrides)
+  """(model, params) of our export (local or `gs://...`); `overrides` set run-time model fields."""
+  root = paths.path(path)
+  model = registry.model_from_spec(json.loads((root / MODEL_JSON).read_text()), **overrides)
   target = traverse_util.unflatten_dict(registry.param_shapes(model), sep="/")
   with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(os.path.join(path, PARAMS_DIR), target)
+    params = ckptr.restore(root / PARAMS_DIR, target)
   return model, params
 
 
@@ -65,20 +67,45 @@ def load_pretrained(path: str, *, subfolder: str | None = None, revision: str | 
                                 local_files_only=local_files_only)
   if "param_dtype" in overrides:
     overrides["param_dtype"] = registry.parse_param_dtype(overrides["param_dtype"])
-  if not os.path.exists(path):
+  if not paths.path(path).exists():
     raise FileNotFoundError(f"no such model path: {path}")
   if torch_format.is_torch_folder(path):
     return torch_format.load_torch_folder(path, variant=variant, **overrides)
+  if _is_remote_torch_folder(path):
+    return _load_remote_torch_folder(path, variant=variant, **overrides)
   if variant is not None:
     raise ValueError(f"variant={variant!r} picks a weights file of an original PyTorch folder; {path} is not one")
   if is_flax_export(path):
     return load_flax(path, **overrides)
   if workdir.is_workdir(path):
     return workdir.load_model_from_workdir(path, **overrides)
-  found = sorted(os.listdir(path))[:10] if os.path.isdir(path) else "a file"
+  found = sorted(p.name for p in paths.path(path).iterdir())[:10] if paths.path(path).is_dir() else "a file"
   raise ValueError(f"{path} is not a model: expected an original PyTorch folder ({torch_format.CONFIG_NAME} + "
                    f"{torch_format.WEIGHTS_NAME}), our Flax export ({MODEL_JSON} + {PARAMS_DIR}/) or a training "
                    f"workdir with {workdir.CHECKPOINTS_DIR}/; found {found}")
+
+
+def _remote_torch_files(root) -> list:
+  """config.json and the weight files (any variant, shards and their index) of an original folder on a bucket."""
+  return [f for f in root.iterdir() if f.name == torch_format.CONFIG_NAME
+          or (f.name.startswith("diffusion_pytorch_model") and f.name.endswith((".safetensors", ".json")))]
+
+
+def _is_remote_torch_folder(path: str) -> bool:
+  if not paths.is_remote(path):
+    return False
+  names = {f.name for f in _remote_torch_files(paths.path(path))}
+  return torch_format.CONFIG_NAME in names and any(n.endswith(".safetensors") for n in names)
+
+
+def _load_remote_torch_folder(path: str, **kwargs):
+  """An original PyTorch folder on a bucket: its config and weight files copied to a local temporary folder, then
+  loaded as a local one."""
+  with tempfile.TemporaryDirectory(prefix="cvvae_torch_") as local:
+    for remote in _remote_torch_files(paths.path(path)):
+      with open(os.path.join(local, remote.name), "wb") as f:
+        f.write(remote.read_bytes())
+    return torch_format.load_torch_folder(local, **kwargs)  # arrays converted (copied) from the files
 
 
 def save_pretrained(model, params, out_dir: str, *, dtype=None, variant: str | None = None) -> str:

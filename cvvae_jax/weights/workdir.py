@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
+from cvvae_jax import paths
 from cvvae_jax.models import registry
 from cvvae_jax.weights.convert import ConversionError
 
@@ -36,8 +37,7 @@ log = logging.getLogger(__name__)
 
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
   """`<workdir>/checkpoints`; local paths made absolute, object-store paths (`gs://...`) kept as they are."""
-  workdir = os.fspath(workdir)
-  return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir)) / CHECKPOINTS_DIR
+  return paths.path(workdir) / CHECKPOINTS_DIR
 
 
 def is_workdir(path: str | os.PathLike) -> bool:
@@ -50,9 +50,12 @@ class CheckpointReader:
 
   def __init__(self, workdir: str | os.PathLike, options: ocp.CheckpointManagerOptions | None = None):
     self.directory = checkpoint_dir(workdir)
+    paths.refresh(self.directory)  # on a bucket, list the steps as they are now (other processes may have saved)
     if options is None:
-      options = ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False,
-                                             save_interval_steps=0, enable_async_checkpointing=False)
+      # A reader never saves nor deletes: nothing is created, no leftovers cleaned, no save is ever due. (Orbax's
+      # `read_only=True` would only add guards on save/delete, which a reader has not, and a warning per load.)
+      options = ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False, save_interval_steps=0,
+                                             enable_async_checkpointing=False)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={STATE: ocp.PyTreeCheckpointHandler(), META: ocp.JsonCheckpointHandler()})

@@ -157,6 +157,10 @@ def test_resume_gives_identical_losses_and_params(image_vae_dir, tmp_path):
   # Step 3 (a generator update) ran after the resume in b: its losses are bit-identical to a's.
   for key in ("loss/total", "loss/nll", "loss/reg_decoder"):
     assert dict(a[key])[3] == dict(b[key])[3], key
+  # b's history survived the resume: steps 1..3 once each, the losses of a's (perf/* are timings).
+  assert {k: v for k, v in b.items() if not k.startswith("perf/")} == {k: v for k, v in a.items()
+                                                                        if not k.startswith("perf/")}
+  assert [s for s, _ in b["perf/steps_per_s"]] == [1, 2, 3]
   # The workdir loads as a model, and its export to the PyTorch layout loads back.
   params = _final_params(str(tmp_path / "a"))
   jax.tree_util.tree_map(np.testing.assert_array_equal, params, straight.params["vae"])
