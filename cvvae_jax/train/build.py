@@ -9,7 +9,7 @@ import ml_collections
 import optax
 from absl import logging
 
-from cvvae_jax.models import lpips, registry
+from cvvae_jax.models import lpips, registry, remat as remat_lib
 from cvvae_jax.models.discriminator import PatchDiscriminator3D
 from cvvae_jax.models.sd_vae import ImageVAE
 from cvvae_jax.models.vae3d import CVVAE
@@ -39,14 +39,16 @@ class Models:
 
 
 
-def build_vae(model_cfg: ml_collections.ConfigDict, dtype=jnp.float32, remat: bool = False) -> CVVAE | ImageVAE:
-  """`config.model` -> CVVAE or ImageVAE (`models.registry.build_model`) computing in `dtype`."""
+def build_vae(model_cfg: ml_collections.ConfigDict, dtype=jnp.float32, remat: bool | str = "none") -> CVVAE | ImageVAE:
+  """`config.model` -> CVVAE or ImageVAE (`models.registry.build_model`) computing in `dtype`, recomputing
+  activations in the backward pass as the `remat` policy says (`models/remat.py`)."""
   return registry.build_model(model_cfg, dtype=dtype, remat=remat)
 
 
 def build_models(config: ml_collections.ConfigDict, image_vae: ImageVAE | None) -> Models:
   dtype = registry.parse_dtype(config.train.compute_dtype, "config.train.compute_dtype")
-  vae = build_vae(config.model, dtype, config.train.remat)
+  remat = remat_lib.policy_name(config.train.remat)
+  vae = build_vae(config.model, dtype, remat)
   weights = losses.LossWeights(**config.loss)
   if isinstance(vae, CVVAE) and (weights.reg_decoder_weight or weights.reg_encoder_weight) and image_vae is None:
     raise ValueError("config.loss.reg_decoder_weight/reg_encoder_weight need a frozen image VAE: set "
@@ -58,8 +60,8 @@ def build_models(config: ml_collections.ConfigDict, image_vae: ImageVAE | None) 
   if accum < 1:
     raise ValueError(f"config.train.grad_accum_steps: expected >= 1, got {accum}")
   return Models(
-      vae=vae, disc=PatchDiscriminator3D(**config.discriminator, dtype=dtype),
-      image_vae=image_vae.clone(dtype=dtype) if image_vae is not None and isinstance(vae, CVVAE) else None,
+      vae=vae, disc=PatchDiscriminator3D(**config.discriminator, dtype=dtype, remat=remat),
+      image_vae=image_vae.clone(dtype=dtype, remat=remat) if image_vae is not None and isinstance(vae, CVVAE) else None,
       weights=weights, tx=optim.make_generator_optimizer(config.optim),
       disc_tx=optim.make_discriminator_optimizer(config.optim),
       lr_schedule=optim.generator_lr_schedule(config.optim),
@@ -95,7 +97,7 @@ def initial_vae_params(config: ml_collections.ConfigDict, models: Models, frozen
         "image_vae" in frozen else pretrained.load_pretrained(source)
     logging.info("init: inflating the image VAE at %s into %s", source, type(models.vae).__name__)
     return inflate.inflate_params(image_params, image_vae.clone(dtype=jnp.float32),
-                                  models.vae.clone(dtype=jnp.float32, remat=False))
+                                  models.vae.clone(dtype=jnp.float32, remat="none"))
   if kind == "pretrained":
     if not path:
       raise ValueError("config.init_from.kind='pretrained' needs config.init_from.path")

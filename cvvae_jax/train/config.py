@@ -37,7 +37,7 @@ def train_section(scale: str) -> ml_collections.ConfigDict:
       ema_decay=0.0,                                 # 0 disables the EMA of generator params
       max_nan_steps=10,                              # consecutive non-finite steps before stopping
       alternate_updates=True,                        # G and D on alternate steps (released); False: both
-      remat=False,                                   # jax.checkpoint per res block
+      remat="none",                                  # "none" | "blocks" | "full" | "full_save_convs" (models/remat.py)
       compute_dtype="float32",                       # "float32" | "bfloat16" (params stay float32)
   ))
 
