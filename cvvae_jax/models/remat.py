@@ -73,14 +73,18 @@ def checkpointed_map(fn: Callable[..., jax.Array], remat: Any, *xs: jax.Array, c
   images through a frozen decoder).
 
   When the policy covers "loss", runs `fn` on `chunk` rows at a time (`lax.map`) with each call recomputed in the
-  backward pass: only one chunk's activations are ever live, at the cost of one more forward of `fn`. Otherwise one
-  call on everything. The leading axis must be divisible by `chunk`; the result is stacked back to `[N, ...]`.
+  backward pass: only one chunk's activations are ever live, at the cost of one more forward of `fn`. `chunk` 0 (or
+  the whole axis) recomputes one call on everything: the same FLOPs, all rows' activations live at once in the
+  backward pass (XLA's cost analysis counts a loop body once, so this is also how to count the loop's FLOPs).
+  Without "loss", one plain call. The leading axis must be divisible by `chunk`; the result is `[N, ...]`.
   """
   if not covers(remat, "loss"):
     return fn(*xs)
   n = xs[0].shape[0]
-  if chunk < 1 or n % chunk:
-    raise ValueError(f"checkpointed_map: expected a chunk dividing the leading axis {n}, got {chunk}")
+  if chunk == 0 or chunk == n:
+    return jax.checkpoint(fn, policy=_jax_policy(remat))(*xs)
+  if chunk < 0 or n % chunk:
+    raise ValueError(f"checkpointed_map: expected a chunk dividing the leading axis {n} (or 0), got {chunk}")
   grouped = [x.reshape((n // chunk, chunk) + x.shape[1:]) for x in xs]
   out = jax.lax.map(jax.checkpoint(lambda args: fn(*args), policy=_jax_policy(remat)), grouped)
   return out.reshape((n,) + out.shape[2:])

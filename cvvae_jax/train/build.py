@@ -32,6 +32,7 @@ class Models:
   alternate: bool
   grad_accum_steps: int
   ema_decay: float
+  remat_frames: int = 1  # frames per recomputed call of the loss networks (`remat.checkpointed_map`)
 
   @property
   def is_video(self) -> bool:
@@ -66,7 +67,8 @@ def build_models(config: ml_collections.ConfigDict, image_vae: ImageVAE | None) 
       disc_tx=optim.make_discriminator_optimizer(config.optim),
       lr_schedule=optim.generator_lr_schedule(config.optim),
       disc_lr_schedule=optim.discriminator_lr_schedule(config.optim), alternate=bool(config.train.alternate_updates),
-      grad_accum_steps=accum, ema_decay=float(config.train.ema_decay))
+      grad_accum_steps=accum, ema_decay=float(config.train.ema_decay),
+      remat_frames=int(config.train.get("remat_frames", 1)))
 
 
 def load_frozen(config: ml_collections.ConfigDict, model_kind: str):

@@ -45,7 +45,7 @@ def generator_objective(params, disc_params, frozen, x: Array, rng: Array, step:
   perceptual = None
   if w.perceptual_weight:
     lpips_of = lambda a, b: lpips.lpips_distance(frozen["lpips"], a, b, dtype=models.vae.dtype)
-    perceptual = lambda a, b: remat_lib.checkpointed_map(lpips_of, remat, a, b)
+    perceptual = lambda a, b: remat_lib.checkpointed_map(lpips_of, remat, a, b, chunk=models.remat_frames)
   nll_of = lambda xh: losses.reconstruction_nll(x, xh, params["logvar"], perceptual, w.perceptual_weight)
   gan_of = lambda xh: losses.generator_adversarial_loss(models.disc.apply({"params": disc_params}, xh))
   nll, rec_metrics = nll_of(x_hat)
@@ -73,7 +73,7 @@ def generator_objective(params, disc_params, frozen, x: Array, rng: Array, step:
   reg_metrics = {}
   if models.image_vae is not None and w.reg_decoder_weight:
     decode_of = lambda latents: models.image_vae.apply({"params": frozen["image_vae"]}, latents, method="decode")
-    image_decode = lambda latents: remat_lib.checkpointed_map(decode_of, remat, latents)
+    image_decode = lambda latents: remat_lib.checkpointed_map(decode_of, remat, latents, chunk=models.remat_frames)
     reg_decoder, aux = regularizer.decoder_regularization(z, x, image_decode, w.psi, rng_psi, params["logvar_2d"])
     reg_metrics.update(aux.metrics)
   if models.image_vae is not None and w.reg_encoder_weight:
