@@ -1,7 +1,7 @@
 r"""Cost of one training step: FLOPs and memory per device of the full config, measured step time of the demo.
 
-    python bench/train_cost.py [--parts full,demo] [--full_cases g_f32,g_bf16_remat,g_bf16_remat_sp4,...]
-        [--fsdp 1] [--platform cpu] [--budget_s 600] [--demo_repeats 5] [--out bench/results]
+    python bench/train_cost.py [--parts full,demo] [--cases g_f32,g_bf16_remat,g_bf16_remat_sp4,...]
+        [--fsdp 1] [--platform cpu] [--budget_s 600] [--demo_repeats 5] [--out bench/results | FILE.json]
 
 full: the paper's run, `configs/cvvae.py:sd21,full` (SD2.1 CV-VAE 128-256-512-512 x 2 res blocks, LPIPS, the
   frozen SD2.1 image VAE as the latent regularizer, the 3D PatchGAN), one 17x256x256 clip per device (global batch
@@ -11,7 +11,9 @@ full: the paper's run, `configs/cvvae.py:sd21,full` (SD2.1 CV-VAE 128-256-512-51
   nets), outputs (the new state, aliased to the donated one) and temporaries (activations kept for the backward
   pass, gradients, workspace). Each case is compiled in its own process under `--budget_s` (full-size 3D convs take
   minutes for XLA:CPU); a case that runs out of time keeps its FLOPs. Cases: `g_`/`d_` the generator or
-  discriminator update, `f32`/`bf16` `config.train.compute_dtype`, `_remat` `config.train.remat=True`; `--fsdp K`
+  discriminator update, `f32`/`bf16` `config.train.compute_dtype`; `_remat` `config.train.remat="full"` (the
+  policy with the least memory, `models/remat.py`), `_rematblocks` "blocks", `_rematconvs` "full_save_convs";
+  `_nolpips` / `_noreg` switch LPIPS / the image-decoder regularizer off (what they hold); `--fsdp K`
   compiles on K fake CPU devices with the parameters and optimizer state split over them (`config.mesh.fsdp=K`).
   `img_` cases: the image stream (8 images of 320x320 per device, the released recipe). `_sp<K>`: one clip on K
   devices, its height split over them (input sharded `P(None, None, "fsdp")`, XLA partitions the convolutions
@@ -20,12 +22,13 @@ demo: `configs/cvvae.py:sd21,demo` on this CPU, one device, random weights (the 
   regularizer, the packaged LPIPS): compile time, median step time of `--demo_repeats` calls after one warm-up,
   FLOPs and GFLOP/s of each of the four programs the demo runs (generator/discriminator x clip/image batch).
 
-Writes `<out>/train_cost.json` and `<out>/train_cost.md`. Interpretation and accelerator estimates: bench/README_train.md
-and docs/scale.md.
+Writes `<out>/train_cost.json` and `<out>/train_cost.md` (or `FILE.json` and `FILE.md`). Interpretation and
+accelerator estimates: bench/README_train.md and docs/scale.md.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -35,7 +38,8 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_FULL_CASES = "g_f32,g_f32_remat,g_bf16,g_bf16_remat,d_f32,g_bf16_remat_sp4,img_g_bf16_remat"
+DEFAULT_FULL_CASES = ("g_f32,g_f32_remat,g_bf16,g_bf16_rematblocks,g_bf16_remat,g_bf16_remat_sp4,g_bf16_remat_sp8,"
+                      "img_g_bf16_remat,d_bf16_remat")
 CLIP = (17, 256, 256)   # per device, the released video recipe
 IMAGES = (8, 320, 320)  # per device: the released image stream (global batch 64 on 8 devices)
 # XLA:CPU's default (concurrency-optimized) scheduler hoists rematerialized computations next to the forward pass,
@@ -65,20 +69,28 @@ def _memory(compiled) -> dict:
   return out
 
 
+# Case words after the dtype: a remat policy (`remat` is the best one for memory, `full`), a spatial split, and
+# loss parts switched off to see what they hold.
+REMAT_WORDS = {"remat": "full", "rematblocks": "blocks", "rematconvs": "full_save_convs"}
+OFF_WORDS = {"nolpips": "perceptual_weight", "noreg": "reg_decoder_weight"}
+
+
 def _parse_case(name: str) -> dict:
-  """`[img_](g|d)_(f32|bf16)[_remat][_sp<K>]`, e.g. `g_bf16_remat_sp4`."""
+  """`[img_](g|d)_(f32|bf16)[_remat|_rematblocks|_rematconvs][_sp<K>][_nolpips][_noreg]`, e.g. `g_bf16_remat_sp4`."""
   words = name.split("_")
   image = words[0] == "img"
   if image:
     words = words[1:]
   sp = [w for w in words[2:] if w.startswith("sp") and w[2:].isdigit()]
+  remat = [w for w in words[2:] if w in REMAT_WORDS]
   if (len(words) < 2 or words[0] not in ("g", "d") or words[1] not in ("f32", "bf16")
-      or set(words[2:]) - {"remat", *sp} or len(sp) > 1 or (image and sp)):
-    raise ValueError(f"--full_cases: expected cases like g_f32, d_bf16_remat, g_bf16_remat_sp4, img_g_f32; got "
-                     f"{name!r}")
+      or set(words[2:]) - {*REMAT_WORDS, *OFF_WORDS, *sp} or len(sp) > 1 or len(remat) > 1 or (image and sp)):
+    raise ValueError(f"--cases: expected cases like g_f32, d_bf16_remat, g_bf16_remat_sp4, g_bf16_rematblocks, "
+                     f"g_bf16_remat_nolpips, img_g_f32; got {name!r}")
   return dict(name=name, update={"g": "generator", "d": "discriminator"}[words[0]], dtype={
-      "f32": "float32", "bf16": "bfloat16"}[words[1]], remat="remat" in words, image=image,
-              spatial=int(sp[0][2:]) if sp else 1)
+      "f32": "float32", "bf16": "bfloat16"}[words[1]], remat=REMAT_WORDS[remat[0]] if remat else "none",
+              image=image, spatial=int(sp[0][2:]) if sp else 1,
+              off=[OFF_WORDS[w] for w in words[2:] if w in OFF_WORDS])
 
 
 # ------------------------------------------------------------------------------------------------------- workers
@@ -91,7 +103,7 @@ def worker_full(case_name: str, fsdp: int, compile_: bool) -> dict:
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   from configs import cvvae as cvvae_config
-  from cvvae_jax.models import lpips
+  from cvvae_jax.models import lpips, remat as remat_lib
   from cvvae_jax.models.sd_vae import ImageVAE
   from cvvae_jax.train import build, sharding, step as step_lib
   from cvvae_jax.train.state import init_state
@@ -106,6 +118,8 @@ def worker_full(case_name: str, fsdp: int, compile_: bool) -> dict:
     # XLA:CPU as the proxy of the accelerator program (3D convolutions), not of the CPU forms. The upsampling stays
     # sub-pixel, as measured before `upsample_impl` existed (its accelerator default "auto" is "xla").
     config.train.conv_impl, config.train.upsample_impl = "xla", "subpixel"
+    for weight in case["off"]:
+      config.loss[weight] = 0.0
     config.mesh.data, config.mesh.fsdp = 1, devices
   image_vae = ImageVAE()  # SD2.1's image VAE (diffusers AutoencoderKL config), the frozen regularizer
   models = build.build_models(config, image_vae)
@@ -119,18 +133,23 @@ def worker_full(case_name: str, fsdp: int, compile_: bool) -> dict:
   frozen_sh = sharding.param_shardings(frozen, mesh)
   update = step_lib.Update(case["update"])
   per_device = (IMAGES[0], 1, *IMAGES[1:]) if case["image"] else (1, *CLIP)
-  if sp == 1:  # the trainer's program: the batch split over the devices
-    fn = step_lib.TrainStep(models, mesh, state_sh, frozen_sh)._fns[update]  # pylint: disable=protected-access
-    batch = {"video": jax.ShapeDtypeStruct((per_device[0] * devices, *per_device[1:], 3), jnp.float32)}
-  else:  # one clip on `sp` devices, its height split over them (XLA partitions the convolutions spatially)
-    if fsdp != 1:
-      raise ValueError(f"{case_name}: spatial cases put one clip on their {sp} devices; expected --fsdp 1")
+  if sp != 1 and fsdp != 1:
+    raise ValueError(f"{case_name}: spatial cases put one clip on their {sp} devices; expected --fsdp 1")
+  if sp != 1:
     per_device = (1, CLIP[0], CLIP[1] // sp, CLIP[2])
+  global_batch = (1, *CLIP) if sp != 1 else (per_device[0] * devices, *per_device[1:])
+  batch = {"video": jax.ShapeDtypeStruct((*global_batch, 3), jnp.float32)}
+
+  def program(models):
+    if sp == 1:  # the trainer's program: the batch split over the devices
+      return step_lib.TrainStep(models, mesh, state_sh, frozen_sh)._fns[update]  # pylint: disable=protected-access
+    # One clip on `sp` devices, its height split over them (XLA partitions the convolutions spatially).
     replicated = NamedSharding(mesh, P())
-    fn = jax.jit(functools.partial(step_lib.train_step, models=models, update=update),
-                 in_shardings=(state_sh, {"video": NamedSharding(mesh, P(None, None, "fsdp"))}, replicated,
-                               frozen_sh), out_shardings=(state_sh, replicated), donate_argnums=(0,))
-    batch = {"video": jax.ShapeDtypeStruct((1, *CLIP, 3), jnp.float32)}
+    return jax.jit(functools.partial(step_lib.train_step, models=models, update=update),
+                   in_shardings=(state_sh, {"video": NamedSharding(mesh, P(None, None, "fsdp"))}, replicated,
+                                 frozen_sh), out_shardings=(state_sh, replicated), donate_argnums=(0,))
+
+  fn = program(models)
 
   count = lambda tree: sum(x.size for x in jax.tree_util.tree_leaves(tree))
   out = dict(case=case_name, **case, devices=devices, per_device_batch=list(per_device),
@@ -140,6 +159,11 @@ def worker_full(case_name: str, fsdp: int, compile_: bool) -> dict:
   lowered = fn.lower(abstract, batch, jax.ShapeDtypeStruct((2,), jnp.uint32), frozen)
   out["lower_s"] = round(time.perf_counter() - t, 1)
   out["flops_per_device"] = _flops(lowered.cost_analysis())
+  if remat_lib.covers(case["remat"], "loss") and case["update"] == "generator":
+    # XLA counts a loop body once: count the frame-by-frame loss networks from the same recompute done in one call.
+    unlooped = program(dataclasses.replace(models, remat_frames=0))
+    out["flops_per_device"] = _flops(unlooped.lower(abstract, batch, jax.ShapeDtypeStruct((2,), jnp.uint32),
+                                                    frozen).cost_analysis())
   if out["flops_per_device"]:
     out["flops_per_device"] /= devices  # the lowered program is the global one
   print(json.dumps({"partial": out}), flush=True)  # kept if the compile runs out of time
@@ -149,6 +173,11 @@ def worker_full(case_name: str, fsdp: int, compile_: bool) -> dict:
     out["compile_s"] = round(time.perf_counter() - t, 1)
     out["memory_gib"] = _memory(compiled)
     out["flops_per_device_compiled"] = _flops(compiled.cost_analysis())
+    out["peak_gib"], out["temp_gib"] = out["memory_gib"]["peak_estimate"], out["memory_gib"]["temp"]
+    flops = out["flops_per_device_compiled"] or out["flops_per_device"]
+    out["tflop_per_device"] = flops and round(flops / 1e12, 3)
+  if remat_lib.covers(case["remat"], "loss") and case["update"] == "generator":
+    out["tflop_per_device"] = out["flops_per_device"] and round(out["flops_per_device"] / 1e12, 3)
   return out
 
 
@@ -279,7 +308,8 @@ def write_markdown(path: str, report: dict) -> None:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--parts", default="full,demo")
-  parser.add_argument("--full_cases", default=DEFAULT_FULL_CASES)
+  parser.add_argument("--cases", "--full_cases", dest="full_cases", default=DEFAULT_FULL_CASES,
+                      help="comma-separated full-config cases (see the module docstring)")
   parser.add_argument("--fsdp", type=int, default=1,
                       help="devices the parameters (and the batch: one clip each) are split over")
   parser.add_argument("--platform", default="cpu", choices=("cpu", "gpu", "tpu"),
@@ -288,7 +318,8 @@ def main(argv=None) -> int:
   parser.add_argument("--budget_s", type=float, default=600, help="seconds per worker process")
   parser.add_argument("--lower_only", action="store_true", help="full config: FLOPs only, no compile")
   parser.add_argument("--demo_repeats", type=int, default=5)
-  parser.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
+  parser.add_argument("--out", default=os.path.join(REPO, "bench", "results"),
+                      help="a folder (train_cost.json + train_cost.md in it) or a FILE.json (FILE.md beside it)")
   parser.add_argument("--_worker", default="", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
 
@@ -331,11 +362,13 @@ def main(argv=None) -> int:
       report["demo"]["mean_step_s"] = sum(mix[s] / total * (rows[(s, "generator")] + rows[(s, "discriminator")]) / 2
                                           for s in mix)
     print(json.dumps(report["demo"]), flush=True)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "train_cost.json"), "w") as f:
+  json_path = args.out if args.out.endswith(".json") else os.path.join(args.out, "train_cost.json")
+  os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+  with open(json_path, "w") as f:
     json.dump(report, f, indent=1)
-  write_markdown(os.path.join(args.out, "train_cost.md"), report)
-  print(open(os.path.join(args.out, "train_cost.md")).read())
+  md_path = json_path[:-len(".json")] + ".md"
+  write_markdown(md_path, report)
+  print(open(md_path).read())
   return 0
 
 

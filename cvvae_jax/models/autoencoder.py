@@ -18,14 +18,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cvvae_jax.models import layers
+from cvvae_jax.models import layers, remat as remat_lib
 from cvvae_jax.models.distributions import DiagonalGaussian
 
 Array = jax.Array
-
-
-def _res_block_cls(remat: bool):
-  return nn.remat(layers.ResBlock) if remat else layers.ResBlock
+Remat = bool | str  # a policy of `remat.py` ("none", "blocks", "full", "full_save_convs"; True / False: blocks / none)
 
 
 class Level(nn.Module):
@@ -38,38 +35,40 @@ class Level(nn.Module):
   num_blocks: int
   direction: str  # "down" | "up"
   resample: bool | None
-  remat: bool
+  remat: Remat
   block_kw: dict
   upsample_impl: str = "auto"
 
   @nn.compact
   def __call__(self, h: Array) -> Array:
-    res_cls = _res_block_cls(self.remat)
+    res_cls = remat_lib.module(layers.ResBlock, self.remat, "res")
     for j in range(self.num_blocks):
       h = res_cls(self.channels, name=f"res_{j}", **self.block_kw)(h)
     if self.resample is None:
       return h
     kw = {k: self.block_kw[k] for k in ("dtype", "param_dtype", "precision", "conv_impl")}
     if self.direction == "down":
-      return layers.Downsample(self.block_kw["style"], self.resample, name="downsample", **kw)(h)
-    return layers.Upsample(self.block_kw["style"], self.resample, upsample_impl=self.upsample_impl, name="upsample",
-                           **kw)(h)
+      down_cls = remat_lib.module(layers.Downsample, self.remat, "resample")
+      return down_cls(self.block_kw["style"], self.resample, name="downsample", **kw)(h)
+    up_cls = remat_lib.module(layers.Upsample, self.remat, "resample")
+    return up_cls(self.block_kw["style"], self.resample, upsample_impl=self.upsample_impl, name="upsample", **kw)(h)
 
 
 class MidBlock(nn.Module):
   """res_0 -> attention (spatial, plus temporal when asked) -> res_1, at constant channels."""
 
   temporal_attention: bool
-  remat: bool
+  remat: Remat
   block_kw: dict
 
   @nn.compact
   def __call__(self, h: Array) -> Array:
-    res_cls = _res_block_cls(self.remat)
+    res_cls = remat_lib.module(layers.ResBlock, self.remat, "res")
     kw = self.block_kw
     h = res_cls(h.shape[-1], name="res_0", **kw)(h)
-    h = layers.MidAttention(self.temporal_attention, kw["num_groups"], kw["epsilon"], kw["dtype"], kw["param_dtype"],
-                            name="attn")(h)
+    attention_cls = remat_lib.module(layers.MidAttention, self.remat, "attention")
+    h = attention_cls(self.temporal_attention, kw["num_groups"], kw["epsilon"], kw["dtype"], kw["param_dtype"],
+                      name="attn")(h)
     return res_cls(h.shape[-1], name="res_1", **kw)(h)
 
 
@@ -98,7 +97,7 @@ class Tower(nn.Module):
   dtype: Any = _shared(jnp.float32)
   param_dtype: Any = _shared(jnp.float32)
   precision: Any = _shared(None)
-  remat: bool = _shared(False)
+  remat: Remat = _shared("none")
   conv_impl: str = _shared("auto")
   upsample_impl: str = _shared("auto")
 
@@ -118,7 +117,10 @@ class Tower(nn.Module):
     return bool(temporal[i]) if self.style.video else False
 
   def _norm_out(self, h: Array) -> Array:
-    return nn.silu(layers.GroupNorm(self.num_groups, self.epsilon, self.param_dtype, name="norm_out")(h))
+    """GroupNorm + SiLU before conv_out (recomputed as one unit under the `full` policies)."""
+    def norm_act(mdl: Tower, h: Array) -> Array:
+      return nn.silu(layers.GroupNorm(mdl.num_groups, mdl.epsilon, mdl.param_dtype, name="norm_out")(h))
+    return remat_lib.function(norm_act, self.remat, "norm_out")(self, h)
 
 
 class Encoder(Tower):
@@ -181,7 +183,7 @@ class Autoencoder(nn.Module):
   Attributes:
     scaling_factor, shift_factor: the diffusion convention `(z - shift_factor) * scaling_factor`.
     dtype: compute dtype (float32 or bfloat16); param_dtype: of the params (float32); precision: of the convs.
-    remat: `jax.checkpoint` per res block.
+    remat: the rematerialization policy (`remat.py`): "none", "blocks" (per res block), "full", "full_save_convs".
     conv_impl: the convolution algorithm, `conv_impl.ConvImpl` by name ("auto": `xla` on TPU/GPU, the CPU forms on
       CPU); upsample_impl: the upsampling convolution's, `UpsampleImpl` ("auto": `subpixel` on CPU, else `xla`).
   """
@@ -191,7 +193,7 @@ class Autoencoder(nn.Module):
   dtype: Any = _shared(jnp.float32)
   param_dtype: Any = _shared(jnp.float32)
   precision: Any = _shared(None)
-  remat: bool = _shared(False)
+  remat: Remat = _shared("none")
   conv_impl: str = _shared("auto")
   upsample_impl: str = _shared("auto")
 

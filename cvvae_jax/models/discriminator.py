@@ -37,7 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cvvae_jax.models import layers
+from cvvae_jax.models import layers, remat as remat_lib
 
 
 def channel_plan(ndf: int, n_layers: int) -> list[tuple[int, bool]]:
@@ -151,6 +151,7 @@ class PatchDiscriminator3D(nn.Module):
   init_std: float = 0.02
   dtype: Any = jnp.float32
   conv_impl: str = "auto"  # the convolution algorithm ("auto": `xla` on TPU/GPU, the CPU forms on CPU)
+  remat: Any = "none"  # a policy of `remat.py`; the `full` ones recompute each res block in the backward pass
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -165,8 +166,9 @@ class PatchDiscriminator3D(nn.Module):
     conv = dict(init_std=self.init_std, dtype=self.dtype, conv_impl=self.conv_impl)
     h = Conv3D(self.ndf, stride=2, name="conv_in", **conv)(x)
     h = nn.leaky_relu(h, self.negative_slope)
+    block_cls = remat_lib.module(ResBlockDown3D, self.remat, "discriminator")
     for i, (features, down) in enumerate(channel_plan(self.ndf, self.n_layers)):
-      h = ResBlockDown3D(features, down, self.num_groups, self.epsilon, name=f"block_{i}", **conv)(h)
+      h = block_cls(features, down, self.num_groups, self.epsilon, name=f"block_{i}", **conv)(h)
       h = GroupNorm32(self.num_groups, self.epsilon, name=f"norm_{i}")(h)
       h = nn.leaky_relu(h, self.negative_slope)
     logits = Conv3D(1, name="conv_out", **conv)(h)

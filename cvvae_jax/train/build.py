@@ -9,7 +9,7 @@ import ml_collections
 import optax
 from absl import logging
 
-from cvvae_jax.models import lpips, registry
+from cvvae_jax.models import lpips, registry, remat as remat_lib
 from cvvae_jax.models.discriminator import PatchDiscriminator3D
 from cvvae_jax.models.sd_vae import ImageVAE
 from cvvae_jax.models.vae3d import CVVAE
@@ -32,6 +32,7 @@ class Models:
   alternate: bool
   grad_accum_steps: int
   ema_decay: float
+  remat_frames: int = 1  # frames per recomputed call of the loss networks (`remat.checkpointed_map`)
 
   @property
   def is_video(self) -> bool:
@@ -39,17 +40,22 @@ class Models:
 
 
 
-def build_vae(model_cfg: ml_collections.ConfigDict, dtype=jnp.float32, remat: bool = False, conv_impl: str = "auto",
-              upsample_impl: str = "auto") -> CVVAE | ImageVAE:
+def build_vae(model_cfg: ml_collections.ConfigDict, dtype=jnp.float32, remat: bool | str = "none",
+              conv_impl: str = "auto", upsample_impl: str = "auto") -> CVVAE | ImageVAE:
   """`config.model` -> CVVAE or ImageVAE (`models.registry.build_model`) computing in `dtype`, its convolutions by
-  `conv_impl` and `upsample_impl`."""
+  `conv_impl` and `upsample_impl`, recomputing activations in the backward pass as the `remat` policy says
+  (`models/remat.py`)."""
   return registry.build_model(model_cfg, dtype=dtype, remat=remat, conv_impl=conv_impl, upsample_impl=upsample_impl)
 
 
 def build_models(config: ml_collections.ConfigDict, image_vae: ImageVAE | None) -> Models:
   dtype = registry.parse_dtype(config.train.compute_dtype, "config.train.compute_dtype")
   impls = dict(conv_impl=config.train.conv_impl, upsample_impl=config.train.upsample_impl)
-  vae = build_vae(config.model, dtype, config.train.remat, **impls)
+  try:
+    remat = remat_lib.policy_name(config.train.remat)
+  except ValueError as e:
+    raise ValueError(f"config.train.remat: {e}") from None
+  vae = build_vae(config.model, dtype, remat, **impls)
   weights = losses.LossWeights(**config.loss)
   if isinstance(vae, CVVAE) and (weights.reg_decoder_weight or weights.reg_encoder_weight) and image_vae is None:
     raise ValueError("config.loss.reg_decoder_weight/reg_encoder_weight need a frozen image VAE: set "
@@ -61,13 +67,16 @@ def build_models(config: ml_collections.ConfigDict, image_vae: ImageVAE | None) 
   if accum < 1:
     raise ValueError(f"config.train.grad_accum_steps: expected >= 1, got {accum}")
   return Models(
-      vae=vae, disc=PatchDiscriminator3D(**config.discriminator, dtype=dtype, conv_impl=config.train.conv_impl),
-      image_vae=image_vae.clone(dtype=dtype, **impls) if image_vae is not None and isinstance(vae, CVVAE) else None,
+      vae=vae, disc=PatchDiscriminator3D(**config.discriminator, dtype=dtype, conv_impl=config.train.conv_impl,
+                                         remat=remat),
+      image_vae=(image_vae.clone(dtype=dtype, remat=remat, **impls) if image_vae is not None and isinstance(vae, CVVAE)
+                 else None),
       weights=weights, tx=optim.make_generator_optimizer(config.optim),
       disc_tx=optim.make_discriminator_optimizer(config.optim),
       lr_schedule=optim.generator_lr_schedule(config.optim),
       disc_lr_schedule=optim.discriminator_lr_schedule(config.optim), alternate=bool(config.train.alternate_updates),
-      grad_accum_steps=accum, ema_decay=float(config.train.ema_decay))
+      grad_accum_steps=accum, ema_decay=float(config.train.ema_decay),
+      remat_frames=int(config.train.get("remat_frames", 1)))
 
 
 def load_frozen(config: ml_collections.ConfigDict, model_kind: str):
@@ -98,7 +107,7 @@ def initial_vae_params(config: ml_collections.ConfigDict, models: Models, frozen
         "image_vae" in frozen else pretrained.load_pretrained(source)
     logging.info("init: inflating the image VAE at %s into %s", source, type(models.vae).__name__)
     return inflate.inflate_params(image_params, image_vae.clone(dtype=jnp.float32),
-                                  models.vae.clone(dtype=jnp.float32, remat=False))
+                                  models.vae.clone(dtype=jnp.float32, remat="none"))
   if kind == "pretrained":
     if not path:
       raise ValueError("config.init_from.kind='pretrained' needs config.init_from.path")

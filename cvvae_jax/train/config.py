@@ -37,7 +37,9 @@ def train_section(scale: str) -> ml_collections.ConfigDict:
       ema_decay=0.0,                                 # 0 disables the EMA of generator params
       max_nan_steps=10,                              # consecutive non-finite steps before stopping
       alternate_updates=True,                        # G and D on alternate steps (released); False: both
-      remat=False,                                   # jax.checkpoint per res block
+      remat="none",                                  # "none" | "blocks" | "full" | "full_save_convs" (models/remat.py)
+      remat_frames=1,                                # full policies: frames of LPIPS / the image decoder per
+                                                     # recomputed call (1: least memory; 0: all at once)
       compute_dtype="float32",                       # "float32" | "bfloat16" (params stay float32)
       # How convolutions are computed (every model of the run): "auto" (xla on TPU/GPU, the CPU forms on CPU) |
       # "xla" | "cpu" | "cpu_taps" | "cpu_frames"; upsampling convolutions: "auto" (subpixel on CPU, else xla) |

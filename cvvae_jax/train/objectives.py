@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cvvae_jax.models import conv_ops, layers, lpips
+from cvvae_jax.models import conv_ops, layers, lpips, remat as remat_lib
 from cvvae_jax.models.sd_vae import image_style
 from cvvae_jax.models.vae3d import CVVAE, variant_style
 from cvvae_jax.train import losses, regularizer
@@ -41,9 +41,11 @@ def generator_objective(params, disc_params, frozen, x: Array, rng: Array, step:
   rng_post, rng_psi = jax.random.split(rng)
   x_hat, post, z, h = reconstruct(models, params["vae"], x, rng_post)
 
+  remat = models.vae.remat  # the `full` policies run the frozen loss networks one frame at a time, recomputed
   perceptual = None
   if w.perceptual_weight:
-    perceptual = lambda a, b: lpips.lpips_distance(frozen["lpips"], a, b, dtype=models.vae.dtype)
+    lpips_of = lambda a, b: lpips.lpips_distance(frozen["lpips"], a, b, dtype=models.vae.dtype)
+    perceptual = lambda a, b: remat_lib.checkpointed_map(lpips_of, remat, a, b, chunk=models.remat_frames)
   nll_of = lambda xh: losses.reconstruction_nll(x, xh, params["logvar"], perceptual, w.perceptual_weight)
   gan_of = lambda xh: losses.generator_adversarial_loss(models.disc.apply({"params": disc_params}, xh))
   nll, rec_metrics = nll_of(x_hat)
@@ -70,8 +72,8 @@ def generator_objective(params, disc_params, frozen, x: Array, rng: Array, step:
   reg_decoder = reg_encoder = None
   reg_metrics = {}
   if models.image_vae is not None and w.reg_decoder_weight:
-    image_decode = lambda latents: models.image_vae.apply({"params": frozen["image_vae"]}, latents,
-                                                          method="decode")
+    decode_of = lambda latents: models.image_vae.apply({"params": frozen["image_vae"]}, latents, method="decode")
+    image_decode = lambda latents: remat_lib.checkpointed_map(decode_of, remat, latents, chunk=models.remat_frames)
     reg_decoder, aux = regularizer.decoder_regularization(z, x, image_decode, w.psi, rng_psi, params["logvar_2d"])
     reg_metrics.update(aux.metrics)
   if models.image_vae is not None and w.reg_encoder_weight:

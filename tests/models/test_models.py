@@ -138,12 +138,13 @@ def test_bf16_compute_keeps_fp32_params_and_is_close(tmp_path):
   assert 1e-4 < rms < 0.08
 
 
-def test_remat_gives_identical_values_and_gradients(tiny_sd21):
+@pytest.mark.parametrize("policy", [True, "blocks", "full", "full_save_convs"])
+def test_remat_gives_identical_values_and_gradients(tiny_sd21, policy):
   vae, params = tiny_sd21
   x = helpers.tiny_input((1, 1, 8, 8, 3))
   loss = lambda model: lambda p: jnp.mean(model.apply({"params": p}, x)[0] ** 2)
   g_ref = jax.grad(loss(vae))(params)
-  g_remat = jax.grad(loss(vae.clone(remat=True)))(params)
+  g_remat = jax.grad(loss(vae.clone(remat=policy)))(params)
   for a, b in zip(jax.tree_util.tree_leaves(g_ref), jax.tree_util.tree_leaves(g_remat)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
