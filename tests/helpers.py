@@ -123,6 +123,15 @@ def randomize_norms_and_biases(params, seed: int = 0):
   return traverse_util.unflatten_dict(out, sep="/")
 
 
+def conv_arrays(x_shape, kernel_shape, seed=0):
+  """(x, kernel, bias) float32 of a convolution test: unit normal input, kernel scaled by its fan-in."""
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal(kernel_shape) / np.sqrt(np.prod(kernel_shape[:-1])), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(kernel_shape[-1]), jnp.float32)
+  return x, kernel, bias
+
+
 def tiny_input(shape, seed=0):
   return jax.random.uniform(jax.random.PRNGKey(seed), shape, jnp.float32, -1.0, 1.0)
 

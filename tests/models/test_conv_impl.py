@@ -17,20 +17,12 @@ from cvvae_jax.models.conv_impl import CONV_IMPLS, UPSAMPLE_IMPLS, ConvImpl, Ups
 from cvvae_jax.models.conv_impl import resolve_upsample_impl as resolve_upsample
 from cvvae_jax.models.vae3d import CVVAE
 from cvvae_jax.train import build
-from tests.helpers import random_params
+from tests.helpers import conv_arrays, random_params
 
 ZEROS, REPLICATE = layers.Pad.ZEROS, layers.Pad.REPLICATE
 EXPLICIT = ("xla", "cpu", "cpu_taps", "cpu_frames")
 # f32 on CPU: the forms differ only in summation order.
 TOL = dict(atol=2e-5, rtol=2e-5)
-
-
-def _arrays(x_shape, kernel_shape, seed=0):
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
-  kernel = jnp.asarray(rng.standard_normal(kernel_shape) / np.sqrt(np.prod(kernel_shape[:-1])), jnp.float32)
-  bias = jnp.asarray(rng.standard_normal(kernel_shape[-1]), jnp.float32)
-  return x, kernel, bias
 
 
 def _value_and_grads(fn, x, kernel, seed=1):
@@ -88,7 +80,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_conv_impl_agrees_forward_and_gradients(case):
   x_shape, k_shape, strides, padding = CASES[case]
-  x, kernel, bias = _arrays(x_shape, k_shape, seed=len(case))
+  x, kernel, bias = conv_arrays(x_shape, k_shape, seed=len(case))
   conv = lambda impl: lambda x, k: conv_ops.conv_apply(x, k, bias, strides=strides, padding=padding, impl=impl)
   want = _value_and_grads(conv("xla"), x, kernel)
   assert float(jnp.max(jnp.abs(want[1][0]))) > 0 and float(jnp.max(jnp.abs(want[1][1]))) > 0
@@ -101,7 +93,7 @@ def test_every_conv_impl_agrees_forward_and_gradients(case):
 
 def test_cpu_forms_are_bit_identical_to_each_other_and_xla_is_one_3d_convolution():
   x_shape, k_shape, strides, padding = CASES["frame_loop_size"]
-  x, kernel, bias = _arrays(x_shape, k_shape)
+  x, kernel, bias = conv_arrays(x_shape, k_shape)
   conv = lambda impl: lambda x, k: conv_ops.conv_apply(x, k, bias, strides=strides, padding=padding, impl=impl)
   taps = _value_and_grads(conv("cpu_taps"), x, kernel)
   for impl in ("cpu", "cpu_frames"):
@@ -120,7 +112,7 @@ def test_cpu_forms_are_bit_identical_to_each_other_and_xla_is_one_3d_convolution
 def test_upsample_impls_agree_forward_and_gradients(video, temporal, pad, conv_impl):
   style = layers.ConvStyle(video=video, space_pad=pad, up_time_pad=pad)
   shape = (1, 3, 4, 5, 4) if video else (2, 4, 5, 4)
-  x, kernel, bias = _arrays(shape, ((3,) if video else ()) + (3, 3, 4, 4 * (2 if temporal else 1)), seed=2)
+  x, kernel, bias = conv_arrays(shape, ((3,) if video else ()) + (3, 3, 4, 4 * (2 if temporal else 1)), seed=2)
   up = lambda impl: lambda x, k: layers.Upsample(style, temporal, conv_impl=conv_impl, upsample_impl=impl).apply(
       {"params": {"conv": {"kernel": k, "bias": bias}}}, x)
   want = _value_and_grads(up("xla"), x, kernel)
@@ -185,7 +177,7 @@ def test_conv_impl_is_a_run_time_field_of_specs_and_load_pretrained(tmp_path):
 
 def test_kernels_are_tied_only_by_the_cpu_forms():
   """The CPU forms tie derived kernels to the layer input (a select on a value of x); xla leaves kernels alone."""
-  x, kernel, bias = _arrays(*CASES["causal_replicate"][:2])
+  x, kernel, bias = conv_arrays(*CASES["causal_replicate"][:2])
   padding = CASES["causal_replicate"][3]
   hlo = lambda impl: jax.jit(lambda x, k: conv_ops.conv_apply(x, k, bias, padding=padding, impl=impl)).lower(
       x, kernel).as_text()

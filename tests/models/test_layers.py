@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cvvae_jax.models import conv_ops, cpu_conv, layers
-from tests.helpers import random_params
+from tests.helpers import conv_arrays, random_params
 
 ZEROS, REPLICATE = layers.Pad.ZEROS, layers.Pad.REPLICATE
 
@@ -16,17 +16,9 @@ def _nearest_then_conv(x, kernel, bias, padding):
   return conv_ops.conv_apply(x, kernel, bias, padding=padding)
 
 
-def _arrays(x_shape, kernel_shape, seed=0):
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
-  kernel = jnp.asarray(rng.standard_normal(kernel_shape) / np.sqrt(np.prod(kernel_shape[:-1])), jnp.float32)
-  bias = jnp.asarray(rng.standard_normal(kernel_shape[-1]), jnp.float32)
-  return x, kernel, bias
-
-
 @pytest.mark.parametrize("space", [ZEROS, REPLICATE])
 def test_upsample_conv_equals_nearest_then_conv_image(space):
-  x, kernel, bias = _arrays((2, 5, 7, 4), (3, 3, 4, 6))
+  x, kernel, bias = conv_arrays((2, 5, 7, 4), (3, 3, 4, 6))
   padding = ((1, 1, space),) * 2
   got = conv_ops.upsample_conv_apply(x, kernel, bias, padding=padding, impl="subpixel")
   want = _nearest_then_conv(x, kernel, bias, padding)
@@ -36,7 +28,7 @@ def test_upsample_conv_equals_nearest_then_conv_image(space):
 
 @pytest.mark.parametrize("space,time", [(ZEROS, ZEROS), (ZEROS, REPLICATE), (REPLICATE, REPLICATE)])
 def test_upsample_conv_equals_nearest_then_conv_video(space, time):
-  x, kernel, bias = _arrays((1, 3, 4, 6, 4), (3, 3, 3, 4, 8))
+  x, kernel, bias = conv_arrays((1, 3, 4, 6, 4), (3, 3, 3, 4, 8))
   padding = ((1, 1, time),) + ((1, 1, space),) * 2
   got = conv_ops.upsample_conv_apply(x, kernel, bias, padding=padding, impl="subpixel")
   want = _nearest_then_conv(x, kernel, bias, padding)
@@ -45,7 +37,7 @@ def test_upsample_conv_equals_nearest_then_conv_video(space, time):
 
 
 def test_upsample_conv_gradients_match():
-  x, kernel, bias = _arrays((1, 2, 4, 5, 4), (3, 3, 3, 4, 4), seed=1)
+  x, kernel, bias = conv_arrays((1, 2, 4, 5, 4), (3, 3, 3, 4, 4), seed=1)
   padding = ((1, 1, REPLICATE),) + ((1, 1, ZEROS),) * 2
   loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k, bias, padding=padding)))
   subpixel = lambda *a, **kw: conv_ops.upsample_conv_apply(*a, **kw, impl="subpixel")
@@ -62,7 +54,7 @@ def test_upsample_layer_matches_its_definition(video, temporal, pad):
   style = layers.ConvStyle(video=video, space_pad=pad, up_time_pad=pad)
   shape = (1, 3, 4, 5, 4) if video else (2, 4, 5, 4)
   factor = 2 if temporal else 1
-  x, kernel, bias = _arrays(shape, ((3,) if video else ()) + (3, 3, 4, 4 * factor), seed=2)
+  x, kernel, bias = conv_arrays(shape, ((3,) if video else ()) + (3, 3, 4, 4 * factor), seed=2)
   module = layers.Upsample(style, temporal)
   params = module.init(jax.random.PRNGKey(0), x)["params"]
   assert jax.tree.map(jnp.shape, params) == {"conv": {"kernel": kernel.shape, "bias": bias.shape}}
@@ -75,7 +67,7 @@ def test_upsample_layer_matches_its_definition(video, temporal, pad):
 
 
 def test_upsample_conv_bfloat16_rounds_once():
-  x, kernel, bias = _arrays((1, 4, 4, 8), (3, 3, 8, 8), seed=3)
+  x, kernel, bias = conv_arrays((1, 4, 4, 8), (3, 3, 8, 8), seed=3)
   padding = ((1, 1, ZEROS),) * 2
   got = conv_ops.upsample_conv_apply(x, kernel, bias, padding=padding, dtype=jnp.bfloat16,
                                      impl="subpixel")
@@ -85,7 +77,7 @@ def test_upsample_conv_bfloat16_rounds_once():
 
 
 def test_upsample_conv_rejects_other_paddings():
-  x, kernel, bias = _arrays((1, 4, 4, 2), (3, 3, 2, 2))
+  x, kernel, bias = conv_arrays((1, 4, 4, 2), (3, 3, 2, 2))
   with pytest.raises(ValueError, match="padding"):
     conv_ops.upsample_conv_apply(x, kernel, bias, padding=((0, 1, ZEROS), (1, 1, ZEROS)))
   with pytest.raises(ValueError, match="one mode"):
@@ -112,7 +104,7 @@ def test_conv3d_as_2d_matches_a_3d_convolution(frames, time_pad, stride):
   padded 3D convolution."""
   if frames + time_pad[0] + time_pad[1] < 3:
     pytest.skip("kernel longer than the padded clip")
-  x, kernel, bias = _arrays((2, frames, 5, 6, 3), (3, 3, 3, 3, 4), seed=frames)
+  x, kernel, bias = conv_arrays((2, frames, 5, 6, 3), (3, 3, 3, 3, 4), seed=frames)
   padding = (time_pad, (1, 1, REPLICATE), (0, 1, ZEROS))
   strides = (stride, 2, 1)
   got = conv_ops.conv_apply(x, kernel, bias, strides=strides, padding=padding)
@@ -128,7 +120,7 @@ def test_frame_loop_equals_the_tap_form(frames, time_pad, stride):
   """One output frame at a time (CPU's form) == one batched 2D convolution per tap, bit for bit, and gradients."""
   if frames + time_pad[0] + time_pad[1] < 3:
     pytest.skip("kernel longer than the padded clip")
-  x, kernel, _ = _arrays((2, frames, 6, 5, 3), (3, 3, 3, 3, 4), seed=frames)
+  x, kernel, _ = conv_arrays((2, frames, 6, 5, 3), (3, 3, 3, 3, 4), seed=frames)
   static = ((stride, 2, 1), time_pad, ((1, 1), (0, 1)), None)
   taps = cpu_conv.conv3d_taps(x, kernel, *static)
   np.testing.assert_array_equal(cpu_conv.conv3d_frame_loop(x, kernel, *static), taps)
