@@ -11,20 +11,20 @@ import tempfile  # noqa: E402
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "cvvae_jax_test_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
-import sys
 
 import pytest
 
-from tests.gcs_server import GcsServer
+from tests import gcs_server as gcs_server_lib  # noqa: E402
+
+# Before any test module imports gcsfs (which reads its emulator settings at import): see tests/gcs_server.py.
+GCS_PORT = gcs_server_lib.configure_clients()
 
 
 @pytest.fixture(scope="session")
 def gcs_server(tmp_path_factory):
   """A fake-gcs-server on localhost for the whole session, with gcsfs, etils.epath, Orbax and TensorStore pointed at
   it (tests/gcs_server.py); `gcs_server.bucket(name)` -> "gs://name"."""
-  if "gcsfs" in sys.modules:
-    pytest.fail("gcsfs was imported before the gcs_server fixture set STORAGE_EMULATOR_HOST (it reads it at import)")
-  server = GcsServer(str(tmp_path_factory.mktemp("gcs_server")))
+  server = gcs_server_lib.GcsServer(str(tmp_path_factory.mktemp("gcs_server")), port=GCS_PORT)
   server.start()
   try:
     yield server

@@ -13,13 +13,16 @@
     whose endpoint is built in and cannot be pointed at a local server;
   * TENSORSTORE_GCS_HTTP_URL and GOOGLE_AUTH_TOKEN_FOR_TESTING: TensorStore (Orbax's array data) talks to the server
     with a fixed token instead of looking for Google credentials.
-These must be set before gcsfs is first imported (it reads them at import), hence a session fixture.
+gcsfs reads the first two when it is first imported, and any earlier test may import it (through `cvvae_jax.paths`),
+so `tests/conftest.py` calls `configure_clients()` when it is loaded, before any test module: it reserves the port and
+sets the variables; the session fixture `gcs_server` then starts the server on that port.
 """
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -31,12 +34,30 @@ ENV_KEYS = ("STORAGE_EMULATOR_HOST", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "EPATH
             "GOOGLE_AUTH_TOKEN_FOR_TESTING")
 
 
-class GcsServer:
-  """fake-gcs-server storing objects under `root_dir`, on a free localhost port; its log in `root_dir/server.log`."""
+def client_environment(url: str) -> dict[str, str]:
+  """The variables that point gcsfs, etils.epath, Orbax and TensorStore at the server at `url`."""
+  return {"STORAGE_EMULATOR_HOST": url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "EPATH_USE_TF": "false",
+          "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "local-test-token"}
 
-  def __init__(self, root_dir: str):
+
+def configure_clients() -> int:
+  """Reserves a free localhost port for the server and sets `client_environment` for it in this process (and its
+  subprocesses). Call before gcsfs is imported; returns the port."""
+  if "gcsfs" in sys.modules:
+    raise RuntimeError("gcsfs was imported before the GCS test server's environment was set (it reads "
+                       "STORAGE_EMULATOR_HOST at import)")
+  port = fake_gcs._find_free_port()
+  os.environ.update(client_environment(f"http://127.0.0.1:{port}"))
+  return port
+
+
+class GcsServer:
+  """fake-gcs-server storing objects under `root_dir`, on localhost `port` (a free one if None); its log in
+  `root_dir/server.log`."""
+
+  def __init__(self, root_dir: str, port: int | None = None):
     self.root_dir = root_dir
-    self.port = fake_gcs._find_free_port()
+    self.port = port or fake_gcs._find_free_port()
     self.url = f"http://127.0.0.1:{self.port}"
     self._proc: subprocess.Popen | None = None
     self._saved_env: dict[str, str | None] = {}
@@ -63,10 +84,8 @@ class GcsServer:
         self.stop()
         raise RuntimeError(f"fake-gcs-server did not answer on {self.url} within {timeout_s} s")
       time.sleep(0.1)
-    env = {"STORAGE_EMULATOR_HOST": self.url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "EPATH_USE_TF": "false",
-           "TENSORSTORE_GCS_HTTP_URL": self.url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "local-test-token"}
     self._saved_env = {k: os.environ.get(k) for k in ENV_KEYS}
-    os.environ.update(env)
+    os.environ.update(client_environment(self.url))
 
   def bucket(self, name: str) -> str:
     """Creates bucket `name` on the server (if new) and returns `gs://name`."""
