@@ -50,15 +50,16 @@ def part(name: str, policy: str) -> dict:
   """Temporaries of `jax.grad` through one part under `policy`."""
   if name == "lpips":
     frames = jax.ShapeDtypeStruct((CLIP[1], *CLIP[2:]), F32)
-    params = lpips.lpips_param_shapes()
-    dist = lambda a, b: lpips.lpips_distance(params, a, b, dtype=BF16)
-    return temp_gib(lambda y, x: remat_lib.checkpointed_map(dist, policy, x, y), frames, frames)
+    def loss(y, x, params):
+      dist = lambda a, b: lpips.lpips_distance(params, a, b, dtype=BF16)
+      return remat_lib.checkpointed_map(dist, policy, x, y)
+    return temp_gib(loss, frames, frames, lpips.lpips_param_shapes())
   if name == "image_decoder":
     vae = ImageVAE(dtype=BF16, remat=policy, conv_impl="xla")
-    params = shapes(vae, jnp.zeros((1, 8, 8, 3)))
-    decode = lambda z: vae.apply({"params": params}, z, method="decode")
-    return temp_gib(lambda z: remat_lib.checkpointed_map(decode, policy, z),
-                    jax.ShapeDtypeStruct((LATENT[1], *LATENT[2:]), F32))
+    def decoded(z, params):
+      decode = lambda latents: vae.apply({"params": params}, latents, method="decode")
+      return remat_lib.checkpointed_map(decode, policy, z)
+    return temp_gib(decoded, jax.ShapeDtypeStruct((LATENT[1], *LATENT[2:]), F32), shapes(vae, jnp.zeros((1, 8, 8, 3))))
   vae = CVVAE(dtype=BF16, remat=policy, conv_impl="xla")
   params = shapes(vae, jnp.zeros((1, 1, 8, 8, 3)))
   if name == "decoder":
