@@ -13,7 +13,7 @@
     whose endpoint is built in and cannot be pointed at a local server;
   * TENSORSTORE_GCS_HTTP_URL and GOOGLE_AUTH_TOKEN_FOR_TESTING: TensorStore (Orbax's array data) talks to the server
     with a fixed token instead of looking for Google credentials.
-gcsfs reads the first two when it is first imported, and any earlier test may import it (through `cvvae_jax.paths`),
+gcsfs and etils.epath read theirs when first imported, and any earlier test may import them (Orbax, `cvvae_jax.paths`),
 so `tests/conftest.py` calls `configure_clients()` when it is loaded, before any test module: it reserves the port and
 sets the variables; the session fixture `gcs_server` then starts the server on that port.
 """
@@ -43,9 +43,10 @@ def client_environment(url: str) -> dict[str, str]:
 def configure_clients() -> int:
   """Reserves a free localhost port for the server and sets `client_environment` for it in this process (and its
   subprocesses). Call before gcsfs is imported; returns the port."""
-  if "gcsfs" in sys.modules:
-    raise RuntimeError("gcsfs was imported before the GCS test server's environment was set (it reads "
-                       "STORAGE_EMULATOR_HOST at import)")
+  early = [m for m in ("gcsfs", "etils.epath") if m in sys.modules]
+  if early:
+    raise RuntimeError(f"{', '.join(early)} imported before the GCS test server's environment was set (they read "
+                       "STORAGE_EMULATOR_HOST / EPATH_USE_TF at import)")
   port = fake_gcs._find_free_port()
   os.environ.update(client_environment(f"http://127.0.0.1:{port}"))
   return port
