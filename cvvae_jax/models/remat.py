@@ -24,12 +24,8 @@ import jax
 
 POLICIES = ("none", "blocks", "full", "full_save_convs")
 # The model units each policy recomputes (the trainer's own parts are "loss" and "discriminator").
-_PARTS = {
-    "none": frozenset(),
-    "blocks": frozenset({"res"}),
-    "full": frozenset({"res", "resample", "attention", "norm_out", "loss", "discriminator"}),
-    "full_save_convs": frozenset({"res", "resample", "attention", "norm_out", "loss", "discriminator"}),
-}
+_FULL = frozenset({"res", "resample", "attention", "norm_out", "loss", "discriminator"})
+_PARTS = {"none": frozenset(), "blocks": frozenset({"res"}), "full": _FULL, "full_save_convs": _FULL}
 
 
 def policy_name(remat: Any) -> str:
