@@ -191,7 +191,8 @@ class ShardWriter:
     self.skipped: dict[str, dict[str, str]] = {}
 
   def write(self, meta: dict[str, Any], mean: np.ndarray, logvar: np.ndarray) -> None:
-    self._writer.write(records.pack(meta, mean, logvar))
+    for record in records.pack(meta, mean, logvar):
+      self._writer.write(record)
     self.clips.append(int(meta["clip"]))
 
   def commit(self) -> None:

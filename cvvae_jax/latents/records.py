@@ -13,11 +13,14 @@ read, and its records are opaque bytes, so the loader needs neither TensorFlow n
 written uncompressed: latents are float noise that compresses by a few percent, and decompression would cost the
 loader more than the disk saves.
 
-A record is `MAGIC + uint32 header length + header JSON + mean bytes + logvar bytes`, both arrays the latent shape
-`[1+k, h, w, C]` (channels-last) in the dtype `latents.json` names (float32: the posterior exactly as the encoder
-returned it). The header holds the clip's metadata: `clip` (its number in the clip list), `path` (the source
-video), `frames` (the frame numbers read), `fps` (the source's rate divided by the stride). The arrays sit at the
-record's end, so the loader takes them as views without parsing the header.
+A clip is two records, `2 i` and `2 i + 1` for the shard's i-th clip: `MAGIC + uint32 header length + header JSON +
+mean bytes`, then `MAGIC_LOGVAR + logvar bytes`, both arrays the latent shape `[1+k, h, w, C]` (channels-last) in
+the dtype `latents.json` names (float32: the posterior exactly as the encoder returned it). Two records because an
+ArrayRecord read costs about 1 us per KB (riegeli checks each chunk's hash and copies it; measured
+`bench/latents_cost.py`): a loader yielding the posterior mean reads half the bytes. The header holds the clip's
+metadata: `clip` (its number in the clip list), `path` (the source video), `frames` (the frame numbers read), `fps`
+(the source's rate divided by the stride). Each array sits at its record's end, so the loader takes it as a view
+without parsing the header.
 
 A shard is complete when its manifest exists: both files are written under temporary names and renamed (the
 array_record file first), so a killed job leaves either nothing, or a shard whose manifest is missing (it is
@@ -26,6 +29,7 @@ encoded again, to the same bytes).
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from typing import Any
@@ -33,9 +37,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
-FORMAT = "cvvae-latents/1"
+FORMAT = "cvvae-latents/2"
 INFO_NAME = "latents.json"
-MAGIC = b"CVL1"
+MAGIC, MAGIC_LOGVAR = b"CVL2", b"CVLV"
+MEAN, LOGVAR = 0, 1  # record 2 i + part of a shard's i-th clip
 WRITER_OPTIONS = "group_size:1,uncompressed"  # one record per chunk: a read decodes just the record asked for
 READER_OPTIONS = "readahead_buffer_size:0"  # random reads: no read-ahead
 TMP_MARK = ".tmp-"
@@ -55,35 +60,32 @@ def manifest_path(out: str, index: int, count: int) -> str:
   return os.path.join(out, shard_stem(index, count) + ".json")
 
 
-def pack(meta: Mapping[str, Any], mean: np.ndarray, logvar: np.ndarray) -> bytes:
-  """One clip's record: `meta` (JSON-able) and the posterior's mean and log-variance `[1+k, h, w, C]`."""
+def pack(meta: Mapping[str, Any], mean: np.ndarray, logvar: np.ndarray) -> tuple[bytes, bytes]:
+  """One clip's two records: `meta` (JSON-able) with the posterior's mean, and its log-variance, `[1+k, h, w, C]`."""
   if mean.shape != logvar.shape or mean.dtype != logvar.dtype:
     raise ValueError(f"expected mean and logvar of one shape and dtype, got {mean.shape} {mean.dtype} and "
                      f"{logvar.shape} {logvar.dtype}")
   header = json.dumps(dict(meta), sort_keys=True).encode()
-  return b"".join((MAGIC, struct.pack("<I", len(header)), header, np.ascontiguousarray(mean).tobytes(),
-                   np.ascontiguousarray(logvar).tobytes()))
+  return (b"".join((MAGIC, struct.pack("<I", len(header)), header, np.ascontiguousarray(mean).tobytes())),
+          MAGIC_LOGVAR + np.ascontiguousarray(logvar).tobytes())
 
 
-def arrays(record: bytes, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-  """(mean, logvar) of a record as read-only views (no copy, no header parsing)."""
-  count = int(np.prod(shape))
-  size = count * np.dtype(dtype).itemsize
-  start = len(record) - 2 * size
-  if start < len(MAGIC) + 4 or record[:len(MAGIC)] != MAGIC:
-    raise ValueError(f"not a latent record of shape {shape} {np.dtype(dtype)} ({len(record)} bytes)")
-  mean = np.frombuffer(record, dtype, count, offset=start).reshape(shape)
-  logvar = np.frombuffer(record, dtype, count, offset=start + size).reshape(shape)
-  return mean, logvar
+def array(record: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+  """The mean or log-variance in a record, as a read-only view (no copy, no header parsing)."""
+  count = math.prod(shape)  # (not np.prod: a tenth of the loader's time per record)
+  start = len(record) - count * np.dtype(dtype).itemsize
+  if start < len(MAGIC_LOGVAR) or record[:len(MAGIC)] not in (MAGIC, MAGIC_LOGVAR):
+    raise ValueError(f"not a latent record of shape {shape} {np.dtype(dtype)} ({len(record)} bytes; expected it to "
+                     f"start with {MAGIC!r} or {MAGIC_LOGVAR!r})")
+  return np.frombuffer(record, dtype, count, offset=start).reshape(shape)
 
 
-def unpack(record: bytes, shape: tuple[int, ...], dtype: np.dtype) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-  """(meta, mean, logvar) of a record."""
+def metadata(record: bytes) -> dict[str, Any]:
+  """The clip's metadata in its first record."""
   if record[:len(MAGIC)] != MAGIC:
-    raise ValueError(f"not a latent record (expected it to start with {MAGIC!r})")
+    raise ValueError(f"not the first record of a latent clip (expected it to start with {MAGIC!r})")
   (length,) = struct.unpack_from("<I", record, len(MAGIC))
-  meta = json.loads(record[len(MAGIC) + 4:len(MAGIC) + 4 + length])
-  return (meta, *arrays(record, shape, dtype))
+  return json.loads(record[len(MAGIC) + 4:len(MAGIC) + 4 + length])
 
 
 def write_json_atomic(path: str, content: Mapping[str, Any]) -> None:
@@ -109,7 +111,9 @@ def read_info(out: str) -> dict[str, Any]:
                             f"{sorted(os.listdir(out))[:10] if os.path.isdir(out) else 'no such folder'}")
   info = read_json(path)
   if info.get("format") != FORMAT:
-    raise ValueError(f"{path}: expected format {FORMAT!r}, got {info.get('format')!r}")
+    raise ValueError(f"{path}: expected format {FORMAT!r}, got {info.get('format')!r}" + (
+        " (one record per clip, before the mean and log-variance were split): encode the dataset again into a new "
+        "--out" if info.get("format") == "cvvae-latents/1" else ""))
   return info
 
 

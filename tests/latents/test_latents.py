@@ -2,6 +2,7 @@
 stored, what the loader yields, reruns, bad inputs. The killed-and-rerun and multi-process runs are in
 test_encode_runs.py (slow)."""
 import functools
+import json
 import os
 import shutil
 
@@ -173,3 +174,13 @@ def test_bad_and_short_videos_are_skipped_and_listed(tiny_model, tmp_path):
   assert "too short: 6 frames" in summary["skipped"][str(folder / "short.mp4")]
   paths = [latents.LatentDataset(out).metadata(i)["path"] for i in range(2)]
   assert paths == [str(folder / "bikes_0.mp4"), str(folder / "carphone_0.mp4")]
+
+
+def test_a_dataset_of_the_old_one_record_format_says_to_encode_again(encoded, tmp_path):
+  out, _ = encoded
+  old = tmp_path / "old"
+  old.mkdir()
+  info = records.read_info(out)
+  (old / records.INFO_NAME).write_text(json.dumps({**info, "format": "cvvae-latents/1"}))
+  with pytest.raises(ValueError, match="cvvae-latents/2.*encode the dataset again"):
+    latents.dataset(str(old), 4)
