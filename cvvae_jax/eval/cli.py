@@ -47,7 +47,7 @@ def parser():
   p.add_argument("--data_dir", default=d["data_dir"], help="TFDS data_dir")
   p.add_argument("--data_key", default=d["data_key"], help="TFDS feature with the encoded files (default: data, else "
                  "image)")
-  plan.add_tiling_arguments(p)
+  plan.add_tiling_arguments(p, follow_model=True)
   cli.add_dtype_argument(p)
   cli.add_conv_impl_argument(p)
   p.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=d["lpips"], help="compute LPIPS")

@@ -63,7 +63,9 @@ class EvalConfig:
       holding the encoded file ("" = "data" for our builders, "image" for TFDS image datasets).
     embedded_dir: cache of the embedded dataset.
     tiling, tile, chunk, overlap: `tiling.TilingConfig` mode ("tiled", "original", "exact"), spatial tile in pixels
-      (0: none), encoder chunk in frames, 1 + 4m (0: none; the decoder takes 1 + m latents), tile overlap ratio.
+      (0: none), encoder chunk in frames, 1 + 4m (0: none; the decoder takes 1 + m latents), tile overlap ratio;
+      None: the default (576, 17, 0.2222), in "original" mode each model's own (its config.json), as the original
+      code tiles it.
     dtype: compute dtype of the VAEs ("float32" or "bfloat16"); metrics are float32.
     conv_impl: how the VAEs compute convolutions (`models.conv_impl.CONV_IMPLS`; "auto": per platform).
     lpips, lpips_net: compute LPIPS too, with the VGG16 ("vgg") or AlexNet ("alex") backbone.
@@ -92,9 +94,9 @@ class EvalConfig:
   data_key: str = ""
   embedded_dir: str = "~/.cache/cvvae_jax/data"
   tiling: str = TILING.mode.value
-  tile: int = TILING.tile_size
-  chunk: int = TILING.encode_chunk_frames
-  overlap: float = TILING.overlap
+  tile: int | None = None
+  chunk: int | None = None
+  overlap: float | None = None
   dtype: str = "float32"
   conv_impl: str = "auto"
   lpips: bool = True
@@ -123,7 +125,7 @@ class EvalConfig:
       if int(getattr(self, name)) < 1:
         problems.append(f"{name}: expected >= 1, got {getattr(self, name)}")
     for name in ("max_clips", "num_samples", "tile", "chunk", "fvd_bootstrap", "devices"):
-      if int(getattr(self, name)) < 0:
+      if getattr(self, name) is not None and int(getattr(self, name)) < 0:
         problems.append(f"{name}: expected >= 0, got {getattr(self, name)}")
     if self.sample_frames < 1:
       problems.append(f"sample_frames: expected >= 1, got {self.sample_frames}")

@@ -17,6 +17,7 @@ from cvvae_jax.eval.data import DataSpec
 from cvvae_jax.eval.models import Models
 from cvvae_jax.eval.plots import ERROR_MAP_RANGE
 from cvvae_jax.eval.step import series_names
+from cvvae_jax.inference import api
 
 
 def json_safe(value: Any) -> Any:
@@ -207,7 +208,8 @@ def build_report(cfg: EvalConfig, models: Models, spec: DataSpec, acc: Accumulat
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "command": " ".join(sys.argv),
       "config": cfg.to_json(),
-      "tiling": str(cfg.tiling_config()),
+      "tiling": {key: str(cfg.tiling_config().resolve(api.original_settings(e.model)))
+                 for key, e in models.entries.items()},  # in original mode, each model's own sizes
       "versions": utils.versions(),
       "metrics": list(metric_names),
       "metric_definitions": {

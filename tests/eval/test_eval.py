@@ -2,6 +2,7 @@
 work, and the CLI on tiny golden models and real clips (PSNR/SSIM/LPIPS themselves: test_metrics.py, test_lpips.py)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,8 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cvvae_jax import metrics
+from cvvae_jax import CVVAE, metrics
 from cvvae_jax.data import media
+from cvvae_jax.inference import api
 from cvvae_jax.eval import accumulator, cli, config, data as eval_data, models as eval_models, report, run, step
 from cvvae_jax.models import lpips
 from cvvae_jax.models.psi import PsiMapping
@@ -146,6 +148,25 @@ def test_settings_are_checked():
     config.EvalConfig(model="m", data="d", out="o", frames=0, chunk=16, compat_psi=("random",))
   text = str(e.value)
   assert "frames: expected >= 1, got 0" in text and "chunk: expected 1 + 4m" in text and "'random'" in text
+
+
+def test_original_mode_takes_each_models_own_tile_sizes_unless_given():
+  """`--tiling original` leaves the sizes to the model (its config.json's tile_spatial_size, ...); explicit ones win;
+  the other modes keep the defaults (576-pixel tiles, 17-frame chunks)."""
+  vae72 = CVVAE(variant="sd21", block_out_channels=(32, 32, 32, 32), layers_per_block=1, original_tile_size=72,
+                original_round_frames=4)
+
+  def tiling(*flags):
+    args = cli.parse_args(["--model", "m", "--data", "d", "--out", "o", *flags])
+    fields = {f.name for f in dataclasses.fields(config.EvalConfig)}
+    cfg = config.EvalConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    return cfg.tiling_config().resolve(api.original_settings(vae72))
+
+  original = tiling("--tiling", "original")
+  assert (original.tile_size, original.encode_chunk_frames, original.decode_chunk_latents) == (72, 5, 2)
+  assert tiling("--tiling", "original", "--tile", "144").tile_size == 144
+  tiled = tiling()
+  assert (tiled.tile_size, tiled.encode_chunk_frames, tiled.overlap) == (576, 17, 0.2222)
 
 
 def test_resolve_data_kinds(tmp_path, embedded_src):
