@@ -28,6 +28,8 @@ MODEL_CLASSES = {"CVVAE": CVVAE, "ImageVAE": ImageVAE}
 KINDS = {"cvvae": CVVAE, "image_vae": ImageVAE}  # config.model.kind
 # Run-time choices, not architecture: never stored in a spec, settable as overrides.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "precision", "remat", "conv_impl", "upsample_impl", "parent", "name")
+# Fields of a spec that change no parameter: how the original code tiles the model (inference settings).
+TILING_FIELDS = ("original_tile_size", "original_tile_overlap", "original_round_frames")
 # Compute dtypes by name (params stay float32).
 DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 
@@ -53,6 +55,12 @@ def model_spec(model: CVVAE | ImageVAE) -> dict[str, Any]:
     value = getattr(model, f.name)
     fields[f.name] = list(value) if isinstance(value, tuple) else value
   return {"class": type(model).__name__, "fields": fields}
+
+
+def architecture(model: CVVAE | ImageVAE) -> dict[str, Any]:
+  """`model_spec` without `TILING_FIELDS`: what the params depend on (two models of one architecture share them)."""
+  spec = model_spec(model)
+  return {**spec, "fields": {k: v for k, v in spec["fields"].items() if k not in TILING_FIELDS}}
 
 
 def model_from_spec(spec: Mapping[str, Any], **overrides) -> CVVAE | ImageVAE:

@@ -112,9 +112,9 @@ def initial_vae_params(config: ml_collections.ConfigDict, models: Models, frozen
     if not path:
       raise ValueError("config.init_from.kind='pretrained' needs config.init_from.path")
     model, params = pretrained.load_pretrained(path)
-    if registry.model_spec(model) != registry.model_spec(models.vae):
-      raise ValueError(f"config.init_from.path={path!r} holds {registry.model_spec(model)}, but config.model "
-                       f"describes {registry.model_spec(models.vae)}")
+    if registry.architecture(model) != registry.architecture(models.vae):  # tiling settings may differ
+      raise ValueError(f"config.init_from.path={path!r} holds {registry.architecture(model)}, but config.model "
+                       f"describes {registry.architecture(models.vae)}")
     return params
   raise ValueError(f"config.init_from.kind: expected 'inflate', 'pretrained' or 'scratch', got {kind!r}")
 
