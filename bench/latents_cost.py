@@ -59,7 +59,7 @@ def run_encode(args, root: str) -> dict:
 
   model_path = write_demo_model(root)
   settings = clips.ClipSettings(args.frames, 3, (args.resolution, args.resolution), args.clips_per_video)
-  source = clips.open_videos(clips.describe_data("embedded"), DataStats())
+  source = clips.open_data(clips.describe_data("embedded"), DataStats())
   videos = [clips.load_clip(source[c // settings.clips_per_video], settings, c % settings.clips_per_video)[0]
             for c in range(len(source) * settings.clips_per_video)]
   model, params = load_pretrained(model_path)

@@ -50,6 +50,17 @@ def _list_remote(root) -> list[str]:
   return sorted(out)
 
 
+def folder_kind(root: str) -> str:
+  """"video" when `root` holds any video file, else "image" when it holds images; ValueError when neither."""
+  exts = [os.path.splitext(f)[1].lower() for f in list_files(root)]
+  if any(e in media.VIDEO_EXTENSIONS for e in exts):
+    return "video"
+  if any(e in media.IMAGE_EXTENSIONS for e in exts):
+    return "image"
+  raise ValueError(f"--data {root}: expected a folder of videos ({', '.join(media.VIDEO_EXTENSIONS)}) or images "
+                   f"({', '.join(media.IMAGE_EXTENSIONS)}), found {len(exts)} file(s) of neither kind")
+
+
 def read_file(root: str, rel: str) -> bytes:
   """The bytes of `root/rel` (local or remote)."""
   if paths.is_remote(root):

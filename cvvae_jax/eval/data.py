@@ -9,7 +9,7 @@ import jax
 
 from cvvae_jax import metrics, paths
 from cvvae_jax.data import config as data_config_lib
-from cvvae_jax.data import folders, media, sources
+from cvvae_jax.data import folders, sources
 from cvvae_jax.eval.config import EMBEDDED, EvalConfig, EvaluationError
 from cvvae_jax.eval.models import Models
 from cvvae_jax.models import lpips
@@ -36,16 +36,6 @@ class DataSpec:
     return f"embedded {self.kind}s"
 
 
-def _folder_kind(path: str) -> str:
-  exts = [os.path.splitext(f)[1].lower() for f in folders.list_files(path)]
-  if any(e in media.VIDEO_EXTENSIONS for e in exts):
-    return "video"
-  if any(e in media.IMAGE_EXTENSIONS for e in exts):
-    return "image"
-  raise EvaluationError(f"--data {path}: expected a folder of videos ({', '.join(media.VIDEO_EXTENSIONS)}) or "
-                        f"images ({', '.join(media.IMAGE_EXTENSIONS)}), found {len(exts)} file(s) of neither kind")
-
-
 def resolve_data(cfg: EvalConfig) -> DataSpec:
   """Reads `cfg.data` as the embedded set, a folder or a TFDS name, and picks video or image (before any work)."""
   data = cfg.data
@@ -58,7 +48,10 @@ def resolve_data(cfg: EvalConfig) -> DataSpec:
     if not paths.path(data).is_dir():
       raise EvaluationError(f"--data {data}: expected a folder of videos or images (or a TFDS name), got "
                             f"{'a file' if paths.path(data).exists() else 'a path that does not exist'}")
-    kind = _folder_kind(data) if cfg.data_kind == "auto" else cfg.data_kind
+    try:
+      kind = folders.folder_kind(data) if cfg.data_kind == "auto" else cfg.data_kind
+    except ValueError as e:
+      raise EvaluationError(str(e)) from None
     return DataSpec(kind=kind, source="folder", path=paths.normalize(data))
   try:
     builder = sources.prepared_builder(data, cfg.data_dir)

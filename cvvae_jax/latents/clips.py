@@ -6,6 +6,9 @@ The evaluation's sampling (`data.sampling`, `data.pipeline.create_eval_iterator`
 first frames are spread evenly from frame 0 to the last start where a clip fits (they overlap when the video is
 short). Clip c is clip `c % n` of video `c // n`, videos in the source's order (sorted relative paths, as for
 training), so the clip list is a function of the data and the flags alone, the same on every host and every rerun.
+
+Images (a folder of images, `embedded:image`, a TFDS image dataset) are one-frame clips, as in the evaluation: the
+short side resized (PIL bicubic) to cover the crop, centre-cropped; `frames`, `stride` and `clips_per_video` are 1.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from cvvae_jax.data import media, sources
+from cvvae_jax.data import folders, media, sources
 from cvvae_jax.data.sampling import Crop, crop_offsets
 from cvvae_jax.data.stats import DataStats
 
@@ -58,12 +61,21 @@ def frame_indices(num_frames: int, settings: ClipSettings, j: int) -> np.ndarray
   return first + settings.stride * np.arange(settings.frames)
 
 
-def load_clip(record: dict[str, Any], settings: ClipSettings, j: int) -> tuple[np.ndarray, np.ndarray, float]:
-  """Clip `j` of a source record: (uint8 `[frames, H, W, 3]`, frame numbers, fps of the clip).
+def load_clip(record: dict[str, Any], settings: ClipSettings, j: int,
+              kind: str = "video") -> tuple[np.ndarray, np.ndarray, float]:
+  """Clip `j` of a source record: (uint8 `[frames, H, W, 3]`, frame numbers, fps of the clip); for an image
+  (`kind="image"`), `[1, H, W, 3]`, frame [0], fps 0.
 
   Raises:
     media.BadInput: too short or unreadable.
   """
+  if kind == "image":
+    image = media.open_rgb_image(record["data"])
+    width, height = image.size
+    shape = media.resized_shape(height, width, settings.resolution, min(settings.resolution))
+    y, x = crop_offsets(np.random.default_rng(0), shape, settings.resolution, Crop.CENTER)
+    h, w = settings.resolution
+    return media.load_image(image, *shape)[None, y:y + h, x:x + w], np.zeros(1, np.int64), 0.0
   indices = frame_indices(int(record["num_frames"]), settings, j)
   shape = media.resized_shape(int(record["height"]), int(record["width"]), settings.resolution,
                               min(settings.resolution))
@@ -74,25 +86,34 @@ def load_clip(record: dict[str, Any], settings: ClipSettings, j: int) -> tuple[n
   return frames[:, y:y + h, x:x + w], indices, fps
 
 
-def describe_data(data: str, data_dir: str = "", split: str = "") -> dict[str, str]:
-  """`--data` as the source it names: {"source": "folder" | "tfds" | "embedded", "path" | "tfds_name", "split"}."""
-  if data == EMBEDDED:
-    return {"source": "embedded", "split": "train"}
+def describe_data(data: str, data_dir: str = "", split: str = "", kind: str = "auto") -> dict[str, str]:
+  """`--data` as the source it names: {"source": "folder" | "tfds" | "embedded", "kind": "video" | "image",
+  "path" | "tfds_name", "split"}; `kind` "auto" reads it from the files (videos win) or the TFDS features."""
+  if kind not in ("auto", "video", "image"):
+    raise ValueError(f"--data_kind: expected auto, video or image, got {kind!r}")
+  if data == EMBEDDED or data.startswith(EMBEDDED + ":"):
+    named = data.split(":", 1)[1] if ":" in data else (kind if kind != "auto" else "video")
+    if named not in ("video", "image"):
+      raise ValueError(f"--data {data}: expected 'embedded', 'embedded:video' or 'embedded:image'")
+    return {"source": "embedded", "kind": named, "split": "train"}
   if os.path.exists(data):
     if not os.path.isdir(data):
-      raise ValueError(f"--data {data}: expected a folder of videos (or a TFDS name), got a file")
-    return {"source": "folder", "path": os.path.abspath(data)}
+      raise ValueError(f"--data {data}: expected a folder of videos or images (or a TFDS name), got a file")
+    return {"source": "folder", "kind": folders.folder_kind(data) if kind == "auto" else kind,
+            "path": os.path.abspath(data)}
   try:
-    builder = sources.prepared_builder(data, data_dir or None, "video")
+    builder = sources.prepared_builder(data, data_dir or None)
   except FileNotFoundError as e:
     raise ValueError(f"--data {data}: not a folder, and not a TFDS dataset ready to read: {e}") from None
-  return {"source": "tfds", "tfds_name": data, "split": split or sources.default_split(builder),
+  if kind == "auto":
+    kind = "video" if "num_frames" in builder.info.features else "image"
+  return {"source": "tfds", "kind": kind, "tfds_name": data, "split": split or sources.default_split(builder),
           "data_dir": data_dir}
 
 
-def open_videos(described: dict[str, str], stats: DataStats, *, embedded_dir: str = EMBEDDED_DIR) -> sources.Source:
+def open_data(described: dict[str, str], stats: DataStats, *, embedded_dir: str = EMBEDDED_DIR) -> sources.Source:
   """The random-access source of `describe_data`'s answer (bad files left out by the probe are in `stats`)."""
-  return sources.open_source(kind="video", source=described["source"], path=described.get("path", ""),
+  return sources.open_source(kind=described["kind"], source=described["source"], path=described.get("path", ""),
                              tfds_name=described.get("tfds_name", ""), split=described.get("split", "train"),
                              data_dir=described.get("data_dir", ""), embedded_dir=embedded_dir, stats=stats,
                              where="data")

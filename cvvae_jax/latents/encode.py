@@ -1,6 +1,6 @@
-r"""Encode a video dataset to latents once, for diffusion training: `cvvae-encode-latents`.
+r"""Encode a video (or image) dataset to latents once, for diffusion training: `cvvae-encode-latents`.
 
-    cvvae-encode-latents --model PATH --data FOLDER|TFDS_NAME|embedded --out DIR \
+    cvvae-encode-latents --model PATH --data FOLDER|TFDS_NAME|embedded[:image] --out DIR [--data_kind auto] \
         [--frames 17] [--stride 1] [--resolution 256] [--clips_per_video 1] [--tiling tiled] [--dtype float32] \
         [--batch_size 8] [--clips_per_shard 256]              (or: python -m cvvae_jax.encode_latents ...)
 
@@ -9,7 +9,8 @@ epoch) with the source path, frame numbers and fps, in ArrayRecord shards with a
 the layout and why ArrayRecord). Read them back with `cvvae_jax.latents.dataset`.
 
 Clips are those of the evaluation's sampling (`clips.py`), encoded with `inference.encode_posterior` (chunked in
-time and tiled in space per `--tiling`), `--batch_size` clips per step in each process, split over its devices.
+time and tiled in space per `--tiling`; in "original" mode with the model's own sizes unless given), images as
+one-frame clips, `--batch_size` clips per step in each process, split over its devices.
 Several processes (the same command on every host, as for training) each encode their own shards (shard s goes
 to process s % processes) with their local devices; they meet only at the end, when process 0 writes the summary.
 
@@ -47,7 +48,7 @@ from cvvae_jax.data import media
 from cvvae_jax.data.stats import DataStats
 from cvvae_jax.inference import api, plan
 from cvvae_jax.latents import records
-from cvvae_jax.latents.clips import EMBEDDED_DIR, ClipSettings, describe_data, load_clip, open_videos
+from cvvae_jax.latents.clips import EMBEDDED_DIR, ClipSettings, describe_data, load_clip, open_data
 from cvvae_jax.models.registry import model_spec
 from cvvae_jax.models.vae3d import CVVAE
 from cvvae_jax.weights.pretrained import load_pretrained
@@ -64,10 +65,11 @@ class EncodeConfig:
   stride: int = 1
   resolution: tuple[int, int] = (256, 256)
   clips_per_video: int = 1
+  data_kind: str = "auto"
   tiling: str = plan.DEFAULT.mode.value
-  tile: int = plan.DEFAULT.tile_size
-  chunk: int = plan.DEFAULT.encode_chunk_frames
-  overlap: float = plan.DEFAULT.overlap
+  tile: int | None = None  # None: the default; in original mode the model's (`plan.TilingConfig.from_options`)
+  chunk: int | None = None
+  overlap: float | None = None
   dtype: str = cli.DTYPE_NAMES[0]
   batch_size: int = 8
   clips_per_shard: int = 256
@@ -215,7 +217,10 @@ def _remove_stale(out: str, shards: list[int], count: int) -> None:
 def encode_dataset(cfg: EncodeConfig) -> dict[str, Any]:
   """Encodes every clip of `cfg.data` into `cfg.out` (this process's shards); returns the run's throughput and, on
   process 0, the dataset summary written into latents.json."""
-  settings = ClipSettings(int(cfg.frames), int(cfg.stride), tuple(cfg.resolution), int(cfg.clips_per_video))
+  described = describe_data(cfg.data, cfg.data_dir, cfg.split, cfg.data_kind)
+  is_video = described["kind"] == "video"
+  settings = ClipSettings(int(cfg.frames) if is_video else 1, int(cfg.stride) if is_video else 1,
+                          tuple(cfg.resolution), int(cfg.clips_per_video) if is_video else 1)
   tiling = plan.TilingConfig.from_options(cfg.tiling, cfg.tile, cfg.chunk, cfg.overlap)
   if cfg.batch_size < 1 or cfg.clips_per_shard < 1:
     raise ValueError(f"--batch_size and --clips_per_shard: expected >= 1, got {cfg.batch_size}, "
@@ -227,9 +232,8 @@ def encode_dataset(cfg: EncodeConfig) -> dict[str, Any]:
   if isinstance(model, CVVAE) and (settings.frames - 1) % model.temporal_compression:
     raise ValueError(f"--frames: expected 1 + {model.temporal_compression}k frames for a CV-VAE, got "
                      f"{settings.frames}")
-  described = describe_data(cfg.data, cfg.data_dir, cfg.split)
   stats = DataStats()
-  source = open_videos(described, stats, embedded_dir=cfg.embedded_dir)
+  source = open_data(described, stats, embedded_dir=cfg.embedded_dir)
   num_clips = len(source) * settings.clips_per_video
   num_clips = min(num_clips, cfg.max_clips) if cfg.max_clips else num_clips
   num_shards = math.ceil(num_clips / cfg.clips_per_shard)
@@ -270,7 +274,7 @@ def encode_dataset(cfg: EncodeConfig) -> dict[str, Any]:
     record = None
     try:
       record = source[video_index]
-      video, indices, fps = load_clip(record, settings, j)
+      video, indices, fps = load_clip(record, settings, j, described["kind"])
       meta = {"clip": clip, "video": video_index, "path": source.locate(record["key"]),
               "frames": indices.tolist(), "fps": fps}
       return shard, clip, video, meta, None
@@ -353,7 +357,10 @@ def parser() -> argparse.ArgumentParser:
   cli.add_clip_arguments(p, frames=d["frames"], stride=d["stride"], resolution=str(d["resolution"][0]))
   p.add_argument("--clips_per_video", type=int, default=d["clips_per_video"],
                  help="clips per video, their starts spread evenly over it (default 1: the first frames)")
-  plan.add_tiling_arguments(p)
+  p.add_argument("--data_kind", default=d["data_kind"], choices=("auto", "video", "image"),
+                 help="the kind of --data (auto: from the files); images are one-frame clips (--frames, --stride and "
+                 "--clips_per_video are then 1)")
+  plan.add_tiling_arguments(p, follow_model=True)
   cli.add_dtype_argument(p)
   p.add_argument("--batch_size", type=int, default=d["batch_size"],
                  help="clips per step in each process, split over its devices")

@@ -9,6 +9,8 @@ import shutil
 import jax
 import numpy as np
 import pytest
+import skimage.data
+from PIL import Image
 
 from cvvae_jax import inference, latents, load_pretrained
 from cvvae_jax.data import media
@@ -52,7 +54,7 @@ def test_every_clip_is_stored_once_with_its_posterior_and_source(encoded, tiny_m
   model, params = load_pretrained(tiny_model)
   data = latents.LatentDataset(out)
   settings = clips.ClipSettings(9, 2, (32, 48), 2)
-  source = clips.open_videos(clips.describe_data("embedded"), DataStats())
+  source = clips.open_data(clips.describe_data("embedded"), DataStats())
   encode_posterior = jax.jit(functools.partial(inference.encode_posterior, model))
   for index in (0, 3, 15):
     meta = data.metadata(index)
@@ -184,3 +186,30 @@ def test_a_dataset_of_the_old_one_record_format_says_to_encode_again(encoded, tm
   (old / records.INFO_NAME).write_text(json.dumps({**info, "format": "cvvae-latents/1"}))
   with pytest.raises(ValueError, match="cvvae-latents/2.*encode the dataset again"):
     latents.dataset(str(old), 4)
+
+
+@pytest.mark.slow  # two compiles of the tiny encoder (45 s)
+def test_a_folder_of_images_is_encoded_as_one_frame_clips(tiny_model, tmp_path):
+  """Real photos (scikit-image), one of them corrupt: each good image is a one-frame clip whose stored posterior is
+  the encoder's on the resized, centre-cropped image; the corrupt one is listed as skipped."""
+  folder = tmp_path / "photos"
+  folder.mkdir()
+  for name in ("astronaut", "coffee", "chelsea"):
+    Image.fromarray(getattr(skimage.data, name)()).save(folder / f"{name}.png")
+  (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+  out = tmp_path / "latents"
+  result = _encode(tiny_model, out, data=str(folder), frames=9, clips_per_shard=2)
+  info = records.read_info(out)
+  assert info["data"]["kind"] == "image" and info["data"]["frames"] == 1 and info["data"]["clips_per_video"] == 1
+  assert info["latent"]["shape"] == [1, *SHAPE[1:]] and result["run"]["clips"] == 3
+  assert info["summary"]["num_stored"] == 3 and list(info["summary"]["skipped"]) == [str(folder / "broken.jpg")]
+  data = latents.LatentDataset(out)
+  model, params = load_pretrained(tiny_model)
+  settings = clips.ClipSettings(1, 1, (32, 48))
+  for index in range(len(data)):
+    meta = data.metadata(index)
+    assert meta["frames"] == [0] and os.path.basename(meta["path"]) in ("astronaut.png", "chelsea.png", "coffee.png")
+    frames, _, _ = clips.load_clip({"data": open(meta["path"], "rb").read()}, settings, 0, "image")
+    assert frames.shape == (1, 32, 48, 3)
+    posterior = inference.encode_posterior(model, params, frames[None].astype(np.float32) / 127.5 - 1.0)
+    np.testing.assert_allclose(data.posterior(index)[0], posterior.mean[0], rtol=1e-5, atol=1e-5)
