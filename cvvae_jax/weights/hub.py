@@ -92,6 +92,30 @@ def _snapshot(repo_id: str, subfolder: str | None, revision: str | None, variant
     raise FileNotFoundError(f"{where}: the cached snapshot is incomplete and downloads are off or failed: {e}") from e
 
 
+def _check_listing(repo_id: str, commit: str, subfolder: str | None, variant: str | None, what: str) -> None:
+  """Online: a missing subfolder or weights file is named against the repo's own file list (the snapshot holds only
+  what the patterns fetched, so it cannot tell what else the repo has)."""
+  try:
+    files = huggingface_hub.list_repo_files(repo_id, revision=commit)
+  except errors.HfHubHTTPError:
+    return  # the listing failed: the checks on the snapshot's files below still run
+  prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+  folders = sorted(f[:-len(CONFIG_NAME) - 1] for f in files if f.endswith("/" + CONFIG_NAME))
+  if subfolder and not any(f.startswith(prefix) for f in files):
+    raise FileNotFoundError(f"{what} has no subfolder {subfolder!r}; folders with a {CONFIG_NAME}: {folders}")
+  here = [f[len(prefix):] for f in files if f.startswith(prefix) and "/" not in f[len(prefix):]]
+  if CONFIG_NAME not in here or FLAX_PATTERNS[0] in here:
+    return  # not a model folder (the checks below name the subfolders), or our Flax export
+  wanted = {weight_files.weights_name(variant), weight_files.index_name(variant)}
+  if wanted.isdisjoint(here):
+    held = weight_files.variants_of(here)
+    if not held and any(n in weight_files.PICKLE_NAMES for n in here):
+      raise ValueError(f"{what}: {prefix or 'the repo root'} holds PyTorch pickles only; they are never downloaded "
+                       f"or loaded here (unpickling runs code from the file). Expected {weight_files.WEIGHTS_NAME}")
+    raise FileNotFoundError(f"{what}: expected {' or '.join(sorted(wanted))} in {prefix or 'the repo root'}; the repo "
+                            f"holds the variant(s) {held} there (pass variant=...)")
+
+
 def resolve_model_path(path: str | os.PathLike, *, subfolder: str | None = None, revision: str | None = None,
                        variant: str | None = None, cache_dir: str | os.PathLike | None = None,
                        local_files_only: bool = False) -> str:
@@ -114,6 +138,8 @@ def resolve_model_path(path: str | os.PathLike, *, subfolder: str | None = None,
   else:
     root = _snapshot(path, subfolder, revision, variant, cache_dir, local_files_only)
     what = f"hub repo {path!r} (revision {revision or 'main'!r}, snapshot {root})"
+    if not (local_files_only or constants.HF_HUB_OFFLINE):
+      _check_listing(path, os.path.basename(root), subfolder, variant, what)
   if subfolder:
     folder = os.path.join(root, subfolder)
     if not os.path.isdir(folder):

@@ -73,9 +73,14 @@ class WeightFiles:
 
 
 def _variants(folder: str) -> list[str]:
-  """The variants a folder holds (None for the plain file), from its file names."""
+  """The variants a folder holds ("(none)" for the plain file), from its file names."""
+  return variants_of(os.listdir(folder))
+
+
+def variants_of(names) -> list[str]:
+  """The variants among file names ("(none)" for the plain file), e.g. of a folder or of a Hub repo's listing."""
   found = set()
-  for name in os.listdir(folder):
+  for name in names:
     if name in (WEIGHTS_NAME, INDEX_NAME):
       found.add("(none)")
     elif name.startswith("diffusion_pytorch_model.") and name.endswith(".safetensors"):
