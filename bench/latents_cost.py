@@ -15,7 +15,9 @@ loader: a dataset of 512 synthetic clips of latent shape 5x32x32x4 (float32 mean
   `cvvae-encode-latents` writes), read by `cvvae_jax.latents.dataset` in batches of 8 in a subprocess pinned to one
   core: batches/s for the posterior mean and for posterior samples (host-side noise), reading every batch from the
   ArrayRecord files and from the in-memory copy (`cache=True`); also the means with the log-variances
-  (`with_logvar=True`, for noise drawn on the devices). Target: >= 1,000 batches/s.
+  (`with_logvar=True`, for noise drawn on the devices). Target: >= 1,000 batches/s. Besides wall-clock batches/s,
+  batches per CPU second of the process (user + system, so page faults count): what one core gives when other jobs
+  share it, as they do on the development machine.
 
 Writes `<out>/latents_cost.json`. Results and reading: bench/README.md section 5.
 """
@@ -125,12 +127,13 @@ def loader_worker(root: str, batches: int) -> dict:
       ds = latents.dataset(root, 8, seed=0, rng=rng, cache=cache, with_logvar=logvar)
       opened = time.perf_counter() - t0
       next(ds)
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.process_time()
       for _ in range(n):
         next(ds)
-      seconds = time.perf_counter() - t0
+      seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
       out[f"{mode}{', cache' if cache else ''}"] = {"batches": n, "seconds": round(seconds, 3),
                                                      "batches_per_s": round(n / seconds, 1),
+                                                     "cpu_s": round(cpu, 3), "batches_per_cpu_s": round(n / cpu, 1),
                                                      "open_s": round(opened, 3)}
   return out
 
