@@ -16,7 +16,9 @@ path and the reason.
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import io
+import math
 import os
 from collections.abc import Sequence
 
@@ -133,39 +135,126 @@ def probe_video(data: bytes) -> VideoInfo:
   return VideoInfo(num_frames=num_frames, height=height, width=width, fps=fps)
 
 
+class _Clock:
+  """Presentation timestamps <-> frame numbers of a constant-rate stream (pts in `time_base` units, counted from
+  the stream's `start_time`, which need not be 0)."""
+
+  def __init__(self, stream):
+    self.rate = stream.base_rate or stream.guessed_rate or stream.average_rate  # Fraction, frames/s
+    self.time_base = stream.time_base
+    self.start = stream.start_time or 0
+    self.ok = bool(self.rate and self.time_base)
+
+  def index(self, pts: int | None) -> int | None:
+    """The frame number at `pts`, or None if `pts` is not on the frame grid (variable rate, no pts)."""
+    if pts is None:
+      return None
+    x = (pts - self.start) * self.time_base * self.rate
+    n = round(x)
+    return n if abs(x - n) < 0.25 and n >= 0 else None
+
+  def pts(self, index: int) -> int:
+    return self.start + math.floor(fractions.Fraction(index) / (self.rate * self.time_base))
+
+
+def _rgb(frame, height: int, width: int) -> np.ndarray:
+  return frame.to_ndarray(format="rgb24", width=width, height=height, interpolation=_SWS_INTERPOLATION)
+
+
+def _set_threads(stream, threads: int) -> None:
+  if threads != 1:
+    stream.thread_type = "AUTO"
+    stream.thread_count = max(0, threads)  # 0: as many as FFmpeg likes
+
+
+def _decode_seeking(data: bytes, indices: list[int], height: int, width: int, threads: int) -> np.ndarray | None:
+  """`decode_video_frames` by seeking to the keyframe at or before `indices[0]`; None where that cannot be done
+  exactly (no timestamps on the frame grid, variable rate, seek failed), so that the caller decodes from the start.
+
+  Frames are identified by their pts; decoding starts at the first keyframe the seek lands on (frames a decoder
+  puts out before it, e.g. open-GOP leading B-frames, are not used). If that keyframe is after `indices[0]` (some
+  demuxers seek by decode time), the seek is retried 2, 8 and 32 s earlier.
+  """
+  out = np.empty((len(indices), height, width, 3), np.uint8)
+  with _open_video(data) as container:
+    stream = container.streams.video[0]
+    clock = _Clock(stream)
+    if not clock.ok:
+      return None
+    _set_threads(stream, threads)
+    for back_s in (0, 2, 8, 32):
+      target = indices[0] - int(back_s * clock.rate)
+      if target <= 0:
+        return None  # decoding from the start is the same work
+      try:
+        container.seek(clock.pts(target), stream=stream, backward=True, any_frame=False)
+      except (av.FFmpegError, OverflowError, ValueError):
+        return None
+      filled, first, previous = 0, None, None
+      try:
+        for frame in container.decode(stream):
+          if first is None and not frame.key_frame:
+            continue
+          index = clock.index(frame.pts)
+          if index is None or (previous is not None and index != previous + 1):
+            return None  # not a constant-rate stream here: frame numbers only by counting from the start
+          if first is None:
+            first = index
+            if index > indices[0]:
+              break  # landed after the first wanted frame: seek further back
+          previous = index
+          if index == indices[filled]:
+            out[filled] = _rgb(frame, height, width)
+            filled += 1
+            if filled == len(indices):
+              return out
+      except av.FFmpegError as e:
+        raise BadInput(f"truncated or corrupt: decoding failed after frame {previous} ({e})") from None
+      if first is not None and first <= indices[0]:
+        raise BadInput(f"truncated: needed frame {indices[-1]}, the stream ended after "
+                       f"{(previous or 0) + 1} frames")
+  return None
+
+
 def decode_video_frames(data: bytes, indices: Sequence[int], height: int, width: int, *,
-                        threads: int = 1) -> np.ndarray:
+                        threads: int = 1, seek: bool = True) -> np.ndarray:
   """Decodes the frames at `indices` (strictly increasing), resized to `height` x `width`.
 
-  Decoding runs from the start of the stream up to the last index (no seeking, so the cost grows
-  with the last index, not with the clip length); frames that are not wanted are never converted.
+  With `seek` (the default) decoding starts at the keyframe at or before `indices[0]` (frames identified by
+  pts, which may start anywhere), so the cost grows with the clip's length and the GOP size, not with its position
+  in the file. Where the stream's timestamps are not on a constant frame grid (or carry none) it decodes from the
+  start and counts frames, as with `seek=False`; both give the same frames bit for bit. Frames that are not wanted
+  are never converted.
 
   Args:
     data: the encoded file.
     indices: frame numbers in presentation order, strictly increasing.
     height, width: output frame size (swscale bicubic, antialiased when downscaling).
-    threads: codec threads for this one decode (1: parallelism comes from decoding several clips).
+    threads: codec threads for this one decode (1: parallelism comes from decoding several clips; 0: FFmpeg's
+      choice).
+    seek: seek to the first wanted frame's keyframe (False: decode from the start).
   Returns:
     uint8 `[len(indices), height, width, 3]`, RGB.
   Raises:
-    BadInput: unreadable file, or fewer frames than `indices[-1] + 1`.
+    BadInput: unreadable file, or fewer frames than `indices[-1] + 1` (a file whose index or metadata claimed
+      more frames is caught here).
   """
   indices = [int(i) for i in indices]
-  if not indices or any(b <= a for a, b in zip(indices, indices[1:])):
-    raise ValueError(f"expected strictly increasing frame indices, got {indices}")
+  if not indices or indices[0] < 0 or any(b <= a for a, b in zip(indices, indices[1:])):
+    raise ValueError(f"expected strictly increasing frame indices >= 0, got {indices}")
+  if seek and indices[0] > 0:
+    out = _decode_seeking(data, indices, height, width, threads)
+    if out is not None:
+      return out
   out = np.empty((len(indices), height, width, 3), np.uint8)
-  container = _open_video(data)
   filled, frame_number = 0, -1
-  with container:
+  with _open_video(data) as container:
     stream = container.streams.video[0]
-    if threads != 1:
-      stream.thread_type = "AUTO"
-      stream.thread_count = threads
+    _set_threads(stream, threads)
     try:
       for frame_number, frame in enumerate(container.decode(stream)):
         if frame_number == indices[filled]:
-          out[filled] = frame.to_ndarray(format="rgb24", width=width, height=height,
-                                         interpolation=_SWS_INTERPOLATION)
+          out[filled] = _rgb(frame, height, width)
           filled += 1
           if filled == len(indices):
             break
