@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from cvvae_jax import paths
-from cvvae_jax.data import media
+from cvvae_jax.data import images, media
 from cvvae_jax.data.sampling import Kind
 
 
@@ -64,7 +64,7 @@ def probe(kind: Kind, data: bytes) -> dict[str, Any]:
     info = media.probe_video(data)
     return {"num_frames": info.num_frames, "height": info.height, "width": info.width,
             "fps": info.fps}
-  info = media.probe_image(data)
+  info = images.probe_image(data)
   return {"height": info.height, "width": info.width}
 
 

