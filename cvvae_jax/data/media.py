@@ -358,14 +358,29 @@ def read_video(path: str, *, num_frames: int | None = None, stride: int = 1, sta
 # Writing.
 # ----------------------------------------------------------------------------------------------------
 
-def write_video(path: str, frames: np.ndarray, *, fps: float = 24.0, codec: str = "libx264",
+_NTSC_RATES = (24, 30, 48, 60, 120, 240)  # written as n * 1000 / 1001 when given as a rounded float (29.97)
+
+
+def rational_rate(fps: float | fractions.Fraction) -> fractions.Fraction:
+  """A frame rate as the exact fraction a container stores: Fractions as given; floats within 0.005 of an NTSC
+  rate n * 1000 / 1001 (23.976, 29.97, 59.94, ...) as that rate; other floats as the nearest fraction with a
+  denominator <= 1001 (25.0 -> 25, 12.5 -> 25/2)."""
+  if isinstance(fps, fractions.Fraction):
+    return fps
+  for n in _NTSC_RATES:
+    if abs(fps - n / 1.001) < 5e-3:
+      return fractions.Fraction(n * 1000, 1001)
+  return fractions.Fraction(fps).limit_denominator(1001)
+
+
+def write_video(path: str, frames: np.ndarray, *, fps: float | fractions.Fraction = 24.0, codec: str = "libx264",
                 options: dict[str, str] | None = None, faststart: bool = False) -> str:
   """Writes frames `[T, H, W, 3]` (float in [-1, 1], or uint8) to a video file; H and W must be even (yuv420p).
 
   Args:
     path: output file, e.g. "clip.mp4" (the container comes from the extension); its folder is created.
     frames: RGB frames.
-    fps: frame rate (rounded to an integer).
+    fps: frame rate, kept exactly (`rational_rate`: 29.97 and 30000/1001 are both written as 30000/1001).
     codec: PyAV encoder name ("libx264", "mpeg4", "libvpx", ...).
     options: encoder options (default for libx264: {"crf": "18"}).
     faststart: put the mp4 index in front (as web videos do), so that a cut file still opens.
@@ -384,7 +399,7 @@ def write_video(path: str, frames: np.ndarray, *, fps: float = 24.0, codec: str 
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   container_options = {"movflags": "+faststart"} if faststart else {}
   with av.open(path, mode="w", options=container_options) as container:
-    stream = container.add_stream(codec, rate=max(1, round(fps)) if fps else 24)
+    stream = container.add_stream(codec, rate=rational_rate(fps) if fps and fps > 0 else 24)
     stream.height, stream.width = frames.shape[1:3]
     stream.pix_fmt = "yuv420p"
     stream.options = dict(options)

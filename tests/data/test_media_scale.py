@@ -159,3 +159,20 @@ def test_float_image_is_bad_input_with_reason():
   data = _png(Image.fromarray(np.zeros((4, 6), np.float32), "F"), fmt="TIFF")
   with pytest.raises(media.BadInput, match="mode 'F' cannot be converted to RGB"):
     images.open_image(data)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing.
+
+@pytest.mark.parametrize("fps,expected", [(29.97, fractions.Fraction(30000, 1001)),
+                                          (fractions.Fraction(30000, 1001), fractions.Fraction(30000, 1001)),
+                                          (float(fractions.Fraction(24000, 1001)), fractions.Fraction(24000, 1001)),
+                                          (12.5, fractions.Fraction(25, 2)), (25.0, fractions.Fraction(25))])
+def test_writer_keeps_the_exact_frame_rate(tmp_path, fps, expected):
+  path = media.write_video(str(tmp_path / "clip.mp4"), _real_frames(12, (32, 48)), fps=fps)
+  with av.open(path) as container:
+    stream = container.streams.video[0]
+    assert stream.average_rate == expected and stream.frames == 12
+    times = [frame.time for frame in container.decode(stream)]
+  np.testing.assert_allclose(np.diff(times), 1 / float(expected), atol=1e-4)
+  assert media.video_info(path).fps == pytest.approx(float(expected), abs=1e-9)
