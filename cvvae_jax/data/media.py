@@ -134,7 +134,7 @@ def probe_video(data: bytes) -> VideoInfo:
   return VideoInfo(num_frames=num_frames, height=height, width=width, fps=fps)
 
 
-class _Clock:
+class FrameClock:
   """Presentation timestamps <-> frame numbers of a constant-rate stream (pts in `time_base` units, counted from
   the stream's `start_time`, which need not be 0)."""
 
@@ -177,7 +177,7 @@ def _decode_seeking(data: bytes, indices: list[int], height: int, width: int, th
   out = np.empty((len(indices), height, width, 3), np.uint8)
   with _open_video(data) as container:
     stream = container.streams.video[0]
-    clock = _Clock(stream)
+    clock = FrameClock(stream)
     if not clock.ok:
       return None
     _set_threads(stream, threads)
