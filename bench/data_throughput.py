@@ -35,6 +35,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import av  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -43,8 +44,6 @@ from cvvae_jax.data import config as data_config  # noqa: E402
 from cvvae_jax import data  # noqa: E402
 from cvvae_jax.data import embedded, index, media  # noqa: E402
 from cvvae_jax.data.sampling import Kind  # noqa: E402
-
-import av  # noqa: E402
 
 
 def _cpu_seconds() -> float:
@@ -106,7 +105,7 @@ def _clip_frames(name: str, short_side: int, limit: int | None = None) -> np.nda
   with av.open(embedded._video_files()[name]) as container:  # pylint: disable=protected-access
     stream = container.streams.video[0]
     scale = short_side / min(stream.height, stream.width)
-    h, w = (int(round(stream.height * scale / 2)) * 2, int(round(stream.width * scale / 2)) * 2)
+    h, w = round(stream.height * scale / 2) * 2, round(stream.width * scale / 2) * 2
     out = []
     for frame in container.decode(stream):
       out.append(frame.to_ndarray(format="rgb24", height=h, width=w))
@@ -115,15 +114,19 @@ def _clip_frames(name: str, short_side: int, limit: int | None = None) -> np.nda
   return np.stack(out)
 
 
-def bench_startup(workdir: str, files: int, old_sample: int) -> dict:
-  """Start-up on a folder of `files` short videos (8 distinct 2.4 s 96-px clips, GOP 12, then hard links)."""
+def bench_startup(workdir: str, files: int, old_sample: int, clip_frames: int, clip_short_side: int) -> dict:
+  """Start-up on a folder of `files` short videos (distinct re-encoded segments of the embedded clips, GOP 12,
+  then hard links)."""
   root = os.path.join(workdir, "large")
   os.makedirs(root)
   sources = []
   for name in ("bigbuckbunny", "bikes", "carphone"):
-    frames = _clip_frames(name, 96)
-    for k in range(len(frames) // 60):
-      sources.append(_encode(frames[k * 60:(k + 1) * 60], os.path.join(workdir, f"{name}{k}.mp4"), gop=12))
+    frames = _clip_frames(name, clip_short_side)
+    if len(frames) < clip_frames:  # loop the clip
+      frames = np.concatenate([frames] * (clip_frames // len(frames) + 1))
+    for k in range(max(1, min(3, len(frames) // clip_frames))):
+      segment = frames[k * clip_frames:(k + 1) * clip_frames]
+      sources.append(_encode(segment, os.path.join(workdir, f"{name}{k}_{clip_frames}.mp4"), gop=12))
   for i in range(files):
     folder = os.path.join(root, f"{i // 1000:03d}")
     os.makedirs(folder, exist_ok=True)
@@ -153,26 +156,29 @@ def bench_startup(workdir: str, files: int, old_sample: int) -> dict:
   again = index.build_index(root, Kind.VIDEO, workers=workers)
   second_s = time.perf_counter() - t0
   assert again.counts["probed"] == 0
+  index_bytes = os.path.getsize(built.path)
   shutil.rmtree(root, ignore_errors=True)
-  return {"files": files, "workers": workers, "old_full_decode_probe": old, "new_probe_one_process": new_one,
+  return {"files": files, "clip": f"{clip_frames} frames at {clip_short_side} px short side, x264 GOP 12, "
+                                  f"{len(sources)} distinct files hard-linked", "workers": workers, "old_full_decode_probe": old, "new_probe_one_process": new_one,
           "first_run_s": first_s, "first_run_cpu_s": first_cpu,
           "first_run_ms_per_file_per_core": 1e3 * first_s * workers / files,
           "first_run_cpu_ms_per_file": 1e3 * first_cpu / files,
           "speedup_cpu_vs_full_decode": old["ms_per_file_cpu"] / (1e3 * first_cpu / files),
-          "second_run_s": second_s, "index_bytes": os.path.getsize(built.path) if os.path.exists(built.path) else 0}
+          "second_run_s": second_s, "index_bytes": index_bytes}
 
 
-def bench_seek(workdir: str, seconds: int, short_side: int, reps: int) -> dict:
+def bench_seek(workdir: str, seconds: int, short_side: int, reps: int, gop: int) -> dict:
   """A 17-frame clip from the last second of a `seconds`-long video (the 720p bigbuckbunny clip looped)."""
   frames = _clip_frames("bigbuckbunny", short_side)
   total = seconds * 25
   t0 = time.perf_counter()
-  path = os.path.join(workdir, "long.mp4")
+  path = os.path.join(workdir, f"long{gop}.mp4")
   with av.open(path, "w") as container:
     stream = container.add_stream("libx264", rate=25)
     stream.height, stream.width = frames.shape[1:3]
     stream.pix_fmt = "yuv420p"
-    stream.options = {"crf": "23", "preset": "ultrafast"}  # x264's default GOP (keyint 250: 10 s)
+    stream.options = {"crf": "23", "preset": "ultrafast"}
+    stream.codec_context.gop_size = gop
     for i in range(total):
       for packet in stream.encode(av.VideoFrame.from_ndarray(frames[i % len(frames)], format="rgb24")):
         container.mux(packet)
@@ -184,9 +190,9 @@ def bench_seek(workdir: str, seconds: int, short_side: int, reps: int) -> dict:
   with av.open(path) as container:
     keyframes = sum(p.is_keyframe for p in container.demux(video=0) if p.size)
   indices = list(range(total - 25, total - 25 + 17))
-  out_h, out_w = 256, int(round(256 * frames.shape[2] / frames.shape[1] / 2)) * 2
+  out_h, out_w = 256, round(256 * frames.shape[2] / frames.shape[1] / 2) * 2
   result = {"video": f"{frames.shape[2]}x{frames.shape[1]}, {total} frames at 25 fps ({seconds} s), "
-                     f"x264 ultrafast crf 23, {keyframes} keyframes, {len(blob) / 1e6:.1f} MB",
+                     f"x264 ultrafast crf 23 keyint {gop}, {keyframes} keyframes, {len(blob) / 1e6:.1f} MB",
             "clip": f"frames {indices[0]}..{indices[-1]} resized to {out_h}x{out_w}", "encode_s": encode_s}
   reference = media.decode_video_frames(blob, indices, out_h, out_w, seek=False)
   for seek in (False, True):
@@ -214,6 +220,9 @@ def main():
   parser.add_argument("--seconds", type=int, default=60, help="length of the long video for the seek case")
   parser.add_argument("--short_side", type=int, default=720, help="its frame height")
   parser.add_argument("--reps", type=int, default=5)
+  parser.add_argument("--gops", default="50,250", help="keyframe intervals of the long video (250: x264's default)")
+  parser.add_argument("--clip_frames", type=int, default=60, help="frames of each start-up folder video")
+  parser.add_argument("--clip_short_side", type=int, default=96)
   parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                     "data_throughput.json"))
   args = parser.parse_args()
@@ -222,10 +231,12 @@ def main():
   results = {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()[0]}
   workdir = tempfile.mkdtemp(prefix="cvvae_data_bench_")
   if "startup" in parts:
-    results["startup"] = bench_startup(workdir, args.files, args.old_sample)
+    results["startup"] = bench_startup(workdir, args.files, args.old_sample, args.clip_frames,
+                                       args.clip_short_side)
     print("startup", json.dumps(results["startup"], indent=1), flush=True)
   if "seek" in parts:
-    results["seek"] = bench_seek(workdir, args.seconds, args.short_side, args.reps)
+    results["seek"] = [bench_seek(workdir, args.seconds, args.short_side, args.reps, int(g))
+                       for g in args.gops.split(",")]
     print("seek", json.dumps(results["seek"], indent=1), flush=True)
   if "startup" in parts or "seek" in parts:
     results["load_average_at_end"] = os.getloadavg()[0]
