@@ -3,7 +3,7 @@ a local one; the index is kept in the bucket and reused."""
 
 from etils import epath
 
-from cvvae_jax import data
+from cvvae_jax import data, paths
 from cvvae_jax.data import config as data_config
 from cvvae_jax.data import index
 from cvvae_jax.data.sampling import Kind
@@ -29,6 +29,13 @@ def test_gs_folder_indexed_reused_and_read_like_a_local_one(gcs_server, tmp_path
   assert remote.path == f"{bucket}/.cvvae_index/video.jsonl"
   assert "clips/.cvvae_index/video.jsonl" in gcs_server.objects("videos")
   assert index.build_index(bucket, Kind.VIDEO, workers=1).counts["probed"] == 0
+  epath.Path(f"{bucket}/sub/b.mp4").write_bytes(files["a.mp4"])  # changed: a new generation, probed again
+  gcs_server.upload("videos", "clips/c.mp4", files["sub/b.mp4"])  # added by another writer
+  paths.refresh(bucket)
+  updated = index.build_index(bucket, Kind.VIDEO, workers=1)
+  assert updated.counts == {"listed": 4, "reused": 2, "probed": 2}
+  assert {e["path"]: e.get("num_frames") for e in updated.entries} == {"a.mp4": 30, "bad.mp4": None,
+                                                                       "c.mp4": 20, "sub/b.mp4": 30}
   config = data_config.get_config("demo")
   del config.streams["image"]
   config.streams.video.update({"source": "folder", "path": bucket, "frames": 5, "stride": (2, 2), "size": (32, 32),
