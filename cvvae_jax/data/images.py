@@ -83,10 +83,11 @@ def load_image(image: Image.Image, height: int, width: int) -> np.ndarray:
     BadInput: truncated or corrupt data.
   """
   try:
-    swapped = _orientation(image) in _SWAPPED_ORIENTATIONS
+    orientation = _orientation(image)
+    swapped = orientation in _SWAPPED_ORIENTATIONS
     image.draft("RGB", (height, width) if swapped else (width, height))
     image.load()
-    image = to_rgb(ImageOps.exif_transpose(image))
+    image = to_rgb(ImageOps.exif_transpose(image) if orientation != 1 else image)
     if image.size != (width, height):
       image = image.resize((width, height), _RESAMPLE)
     return np.asarray(image, dtype=np.uint8)

@@ -19,7 +19,6 @@ import dataclasses
 import fractions
 import io
 import itertools
-import math
 import os
 from collections.abc import Sequence
 
@@ -143,17 +142,20 @@ class FrameClock:
     self.time_base = stream.time_base
     self.start = stream.start_time or 0
     self.ok = bool(self.rate and self.time_base)
+    if self.ok:  # frame number = (pts - start) * num / den, in integers (this runs for every decoded frame)
+      self._num = self.time_base.numerator * self.rate.numerator
+      self._den = self.time_base.denominator * self.rate.denominator
 
   def index(self, pts: int | None) -> int | None:
     """The frame number at `pts`, or None if `pts` is not on the frame grid (variable rate, no pts)."""
     if pts is None:
       return None
-    x = (pts - self.start) * self.time_base * self.rate
-    n = round(x)
-    return n if abs(x - n) < 0.25 and n >= 0 else None
+    x = (pts - self.start) * self._num
+    n = (2 * x + self._den) // (2 * self._den)  # nearest integer
+    return n if 4 * abs(x - n * self._den) < self._den and n >= 0 else None
 
   def pts(self, index: int) -> int:
-    return self.start + math.floor(fractions.Fraction(index) / (self.rate * self.time_base))
+    return self.start + (index * self._den) // self._num
 
 
 def _rgb(frame, height: int, width: int) -> np.ndarray:
@@ -209,7 +211,9 @@ def _decode_seeking(data: bytes, indices: list[int], height: int, width: int, th
               return out
       except av.FFmpegError as e:
         raise BadInput(f"truncated or corrupt: decoding failed after frame {previous} ({e})") from None
-      if first is not None and first <= indices[0]:
+      if first is None:
+        return None  # no frame flagged as a keyframe after the seek (e.g. intra refresh): count from the start
+      if first <= indices[0]:
         raise BadInput(f"truncated: needed frame {indices[-1]}, the stream ended after "
                        f"{(previous or 0) + 1} frames")
   return None
