@@ -9,7 +9,8 @@ Entry points:
 
 Using your own data (config = `cvvae_jax/data/config.py`, under `config.data` in the trainer):
 
-1. Quick start, reading folders directly (files are probed once at start-up, in threads):
+1. Quick start, reading folders directly (files are probed once into an index, reused and updated on later
+   starts: see index.py):
      --config.data.streams.video.source=folder --config.data.streams.video.path=/data/videos
      --config.data.streams.image.source=folder --config.data.streams.image.path=/data/images
    Folders are searched recursively. Videos: mp4, m4v, mov, webm, mkv, avi, mpg, mpeg, ogv, wmv,
