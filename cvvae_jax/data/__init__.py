@@ -9,11 +9,13 @@ Entry points:
 
 Using your own data (config = `cvvae_jax/data/config.py`, under `config.data` in the trainer):
 
-1. Quick start, reading folders directly (files are probed once at start-up, in threads):
+1. Quick start, reading folders directly (files are probed once into an index, reused and updated on later
+   starts: see index.py):
      --config.data.streams.video.source=folder --config.data.streams.video.path=/data/videos
      --config.data.streams.image.source=folder --config.data.streams.image.path=/data/images
    Folders are searched recursively. Videos: mp4, m4v, mov, webm, mkv, avi, mpg, mpeg, ogv, wmv,
-   flv, 3gp, ts (anything PyAV decodes). Images: jpg, jpeg, png, webp, bmp, tif, tiff, 8-bit RGB.
+   flv, 3gp, ts (anything PyAV decodes). Images: jpg, jpeg, png, webp, bmp, tif, tiff in any
+   mode (grayscale, palette, alpha over white, CMYK, 16-bit; EXIF orientation applied: see images.py).
 2. Prepare once, then train from TFDS (recommended for large sets and pods; no probing at start):
      python -m cvvae_jax.data.prepare --kind=video --data=/data/videos --data_dir=/data/tfds/videos
      python -m cvvae_jax.data.prepare --kind=image --data=/data/images --data_dir=/data/tfds/images
@@ -28,7 +30,7 @@ Using your own data (config = `cvvae_jax/data/config.py`, under `config.data` in
    17x192^2 videos, 256^2 and 512^2 images) are more entries under config.streams.
 4. Evaluation: config.eval (defaults: 33 frames at stride 3, short side 256, centre crop 256x256).
 
-Bad inputs (unreadable, truncated or empty files, wrong extensions, grayscale/alpha images, videos
+Bad inputs (unreadable, truncated or empty files, wrong extensions, float images, videos
 too short even at stride 1) are skipped, counted in DataStats and logged once with their path;
 a missing folder, an empty dataset or an unset path is an error at start-up.
 """

@@ -107,7 +107,7 @@ class VideoFolder(_FolderBuilder):
 
 
 class ImageFolder(_FolderBuilder):
-  """A folder of RGB images (jpg, png, webp, bmp, tif); grayscale/alpha images are skipped."""
+  """A folder of images (jpg, png, webp, bmp, tif), any mode converted to RGB as `images.py` says."""
   name = "cvvae_image_folder"
   KIND = Kind.IMAGE
 

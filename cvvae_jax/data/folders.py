@@ -1,20 +1,25 @@
-"""Folders of media files: listing them (recursively, sorted) and probing each file once, in threads.
+"""Folders of media files: listing them (recursively, sorted) and probing each file (container metadata confirmed
+by the last GOP; see `probe_video_file`).
 
-`scan_folder` is what both readers of a user's folder share: `sources.FolderSource` (training and evaluation read
-the folder directly) and the TFDS builders (`builders.py`, which prepare it once), so a folder and its TFDS copy
-hold the same files in the same order, bad files left out by the same probe. Folders may be local or on a bucket
+Both readers of a user's folder probe with `probe`/`probe_video_file`: the folder index (`index.py`, which
+`sources.FolderSource` reads, for training and evaluation on the folder directly) and the TFDS builders
+(`builders.py`, through `scan_folder`, which prepare it once), so a folder and its TFDS copy hold the same files
+in the same order, bad files left out by the same probe. Folders may be local or on a bucket
 (`gs://...`, through `etils.epath`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import io
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import av
+
 from cvvae_jax import paths
-from cvvae_jax.data import media
+from cvvae_jax.data import images, media
 from cvvae_jax.data.sampling import Kind
 
 
@@ -69,14 +74,89 @@ def read_file(root: str, rel: str) -> bytes:
     return f.read()
 
 
+def _last_frame_index(container, stream, clock: media.FrameClock, estimate: int, decode: bool) -> int | None:
+  """The frame number of the stream's last frame: seeks to the keyframe before frame `estimate - 1` and reads the
+  packets from there to the end (with `decode`, decodes them too and uses the frames' timestamps). None if the
+  timestamps are off the frame grid."""
+  target = max(0, estimate - 1)
+  if target > 0:
+    container.seek(clock.pts(target), stream=stream, backward=True, any_frame=False)
+  packets = [p for p in container.demux(stream) if p.size]
+  first_key = next((i for i, p in enumerate(packets) if p.is_keyframe), None)
+  if first_key is None:
+    return None
+  packets = packets[first_key:]
+  if decode:
+    frames = [f for p in [*packets, None] for f in stream.decode(p)]
+    timestamps = [f.pts for f in frames[next((i for i, f in enumerate(frames) if f.key_frame), 0):]]
+  else:
+    timestamps = [p.pts for p in packets]
+  numbers = sorted(clock.index(t) if t is not None else -1 for t in timestamps)
+  if not numbers or numbers[0] < 0 or numbers != list(range(numbers[0], numbers[0] + len(numbers))):
+    return None
+  return numbers[-1]
+
+
+def probe_video_file(f, *, decode_last: bool = False) -> dict[str, Any]:
+  """{"num_frames", "fps", "height", "width"} of an open video file (a binary file object, read only where needed).
+
+  The frame count is the container's (the stream's, else duration x rate), confirmed by the timestamps of the
+  packets of the last GOP (seek, then demux to the end): a file that ends early is caught here. With `decode_last`
+  the last GOP is decoded too (slower: a 10 s GOP decodes 10 s); without it, damage inside the stream is caught
+  when a clip is decoded (the pipeline skips and counts the file then). Streams whose timestamps are off a
+  constant frame grid are decoded in full (`media.probe_video`).
+
+  Raises:
+    media.BadInput: unreadable, no video stream, truncated (ends before the frame count its container declares).
+  """
+  if not f.read(1):
+    raise media.BadInput("empty file (0 bytes)")
+  f.seek(0)
+  try:
+    container = av.open(f, mode="r")
+  except (av.FFmpegError, OSError) as e:
+    raise media.BadInput(f"unreadable as video: {e}") from None
+  with container:
+    if not container.streams.video:
+      raise media.BadInput("no video stream")
+    stream = container.streams.video[0]
+    clock = media.FrameClock(stream)
+    declared = int(stream.frames or 0)
+    height, width = stream.codec_context.height, stream.codec_context.width
+    fps = float(stream.average_rate or clock.rate or 0)
+    estimate = declared
+    if not estimate and clock.ok:
+      seconds = (float(stream.duration * stream.time_base) if stream.duration
+                 else (container.duration or 0) / av.time_base)
+      estimate = int(seconds * float(clock.rate))
+    last = None
+    if clock.ok and height and width and estimate:
+      try:
+        last = _last_frame_index(container, stream, clock, estimate, decode_last)
+      except av.FFmpegError as e:
+        raise media.BadInput(f"truncated or corrupt: decoding the last frames failed ({e})") from None
+      except (OverflowError, ValueError):
+        last = None
+  if last is None:  # no usable metadata: count by decoding every frame
+    f.seek(0)
+    info = media.probe_video(f.read())
+    return {"num_frames": info.num_frames, "fps": info.fps, "height": info.height, "width": info.width}
+  if declared and last + 1 < declared:
+    raise media.BadInput(f"truncated: the container declares {declared} frames, the stream ends after {last + 1}")
+  return {"num_frames": last + 1, "fps": fps, "height": height, "width": width}
+
+
+def probe_image_file(f) -> dict[str, Any]:
+  """{"height", "width"} (after EXIF orientation) from an image file's header."""
+  image = images.open_image(f.read())
+  height, width = images.oriented_size(image)
+  return {"height": height, "width": width}
+
+
 def probe(kind: Kind, data: bytes) -> dict[str, Any]:
-  """Metadata stored with a record; raises media.BadInput for files that must be skipped."""
-  if kind is Kind.VIDEO:
-    info = media.probe_video(data)
-    return {"num_frames": info.num_frames, "height": info.height, "width": info.width,
-            "fps": info.fps}
-  info = media.probe_image(data)
-  return {"height": info.height, "width": info.width}
+  """Metadata stored with a record (the same probe as the folder index's); raises media.BadInput for files that
+  must be skipped."""
+  return (probe_video_file if kind is Kind.VIDEO else probe_image_file)(io.BytesIO(data))
 
 
 def scan_folder(root: str, kind: Kind, *, workers: int = 4,
@@ -104,7 +184,7 @@ def scan_folder(root: str, kind: Kind, *, workers: int = 4,
       return rel, data, probe(kind, data), None
     except media.BadInput as e:
       return rel, None, None, e.reason
-    except Exception as e:  # pylint: disable=broad-except  (a bad file must never stop a run)
+    except Exception as e:  # noqa: BLE001  (a bad file must never stop a run)
       return rel, None, None, f"unreadable ({type(e).__name__}: {e})"
 
   with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:

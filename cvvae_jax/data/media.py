@@ -1,6 +1,6 @@
 """Media files: probing and decoding videos (PyAV) and images (Pillow), reading and writing video files.
 
-The input pipeline works on encoded bytes in memory (`probe_video`, `decode_video_frames`, `open_rgb_image`, ...):
+The input pipeline works on encoded bytes in memory (`probe_video`, `decode_video_frames`; images: `images.py`):
 every failure a user's file can cause is raised as `BadInput(reason)`, so that callers can skip the file, count it
 and report it once; nothing else in the pipeline needs to know about PyAV or Pillow errors. Frames come out as
 uint8 RGB, channels-last: video `[T, H, W, 3]`, image `[H, W, 3]`.
@@ -16,13 +16,14 @@ path and the reason.
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import io
+import itertools
 import os
 from collections.abc import Sequence
 
 import av
 import numpy as np
-from PIL import Image
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".mpg", ".mpeg", ".ogv",
                     ".wmv", ".flv", ".3gp", ".ts")
@@ -31,7 +32,6 @@ EXTENSIONS = {"video": VIDEO_EXTENSIONS, "image": IMAGE_EXTENSIONS}
 
 # Frame resampling: swscale's bicubic widens its filter when downscaling, so it antialiases.
 _SWS_INTERPOLATION = "BICUBIC"
-_PIL_RESAMPLE = Image.Resampling.BICUBIC
 
 
 class BadInput(Exception):
@@ -133,39 +133,131 @@ def probe_video(data: bytes) -> VideoInfo:
   return VideoInfo(num_frames=num_frames, height=height, width=width, fps=fps)
 
 
+class FrameClock:
+  """Presentation timestamps <-> frame numbers of a constant-rate stream (pts in `time_base` units, counted from
+  the stream's `start_time`, which need not be 0)."""
+
+  def __init__(self, stream):
+    self.rate = stream.base_rate or stream.guessed_rate or stream.average_rate  # Fraction, frames/s
+    self.time_base = stream.time_base
+    self.start = stream.start_time or 0
+    self.ok = bool(self.rate and self.time_base)
+    if self.ok:  # frame number = (pts - start) * num / den, in integers (this runs for every decoded frame)
+      self._num = self.time_base.numerator * self.rate.numerator
+      self._den = self.time_base.denominator * self.rate.denominator
+
+  def index(self, pts: int | None) -> int | None:
+    """The frame number at `pts`, or None if `pts` is not on the frame grid (variable rate, no pts)."""
+    if pts is None:
+      return None
+    x = (pts - self.start) * self._num
+    n = (2 * x + self._den) // (2 * self._den)  # nearest integer
+    return n if 4 * abs(x - n * self._den) < self._den and n >= 0 else None
+
+  def pts(self, index: int) -> int:
+    return self.start + (index * self._den) // self._num
+
+
+def _rgb(frame, height: int, width: int) -> np.ndarray:
+  return frame.to_ndarray(format="rgb24", width=width, height=height, interpolation=_SWS_INTERPOLATION)
+
+
+def _set_threads(stream, threads: int) -> None:
+  if threads != 1:
+    stream.thread_type = "AUTO"
+    stream.thread_count = max(0, threads)  # 0: as many as FFmpeg likes
+
+
+def _decode_seeking(data: bytes, indices: list[int], height: int, width: int, threads: int) -> np.ndarray | None:
+  """`decode_video_frames` by seeking to the keyframe at or before `indices[0]`; None where that cannot be done
+  exactly (no timestamps on the frame grid, variable rate, seek failed), so that the caller decodes from the start.
+
+  Frames are identified by their pts; decoding starts at the first keyframe the seek lands on (frames a decoder
+  puts out before it, e.g. open-GOP leading B-frames, are not used). If that keyframe is after `indices[0]` (some
+  demuxers seek by decode time), the seek is retried 2, 8 and 32 s earlier.
+  """
+  out = np.empty((len(indices), height, width, 3), np.uint8)
+  with _open_video(data) as container:
+    stream = container.streams.video[0]
+    clock = FrameClock(stream)
+    if not clock.ok:
+      return None
+    _set_threads(stream, threads)
+    for back_s in (0, 2, 8, 32):
+      target = indices[0] - int(back_s * clock.rate)
+      if target <= 0:
+        return None  # decoding from the start is the same work
+      try:
+        container.seek(clock.pts(target), stream=stream, backward=True, any_frame=False)
+      except (av.FFmpegError, OverflowError, ValueError):
+        return None
+      filled, first, previous = 0, None, None
+      try:
+        for frame in container.decode(stream):
+          if first is None and not frame.key_frame:
+            continue
+          index = clock.index(frame.pts)
+          if index is None or (previous is not None and index != previous + 1):
+            return None  # not a constant-rate stream here: frame numbers only by counting from the start
+          if first is None:
+            first = index
+            if index > indices[0]:
+              break  # landed after the first wanted frame: seek further back
+          previous = index
+          if index == indices[filled]:
+            out[filled] = _rgb(frame, height, width)
+            filled += 1
+            if filled == len(indices):
+              return out
+      except av.FFmpegError as e:
+        raise BadInput(f"truncated or corrupt: decoding failed after frame {previous} ({e})") from None
+      if first is None:
+        return None  # no frame flagged as a keyframe after the seek (e.g. intra refresh): count from the start
+      if first <= indices[0]:
+        raise BadInput(f"truncated: needed frame {indices[-1]}, the stream ended after "
+                       f"{(previous or 0) + 1} frames")
+  return None
+
+
 def decode_video_frames(data: bytes, indices: Sequence[int], height: int, width: int, *,
-                        threads: int = 1) -> np.ndarray:
+                        threads: int = 1, seek: bool = True) -> np.ndarray:
   """Decodes the frames at `indices` (strictly increasing), resized to `height` x `width`.
 
-  Decoding runs from the start of the stream up to the last index (no seeking, so the cost grows
-  with the last index, not with the clip length); frames that are not wanted are never converted.
+  With `seek` (the default) decoding starts at the keyframe at or before `indices[0]` (frames identified by
+  pts, which may start anywhere), so the cost grows with the clip's length and the GOP size, not with its position
+  in the file. Where the stream's timestamps are not on a constant frame grid (or carry none) it decodes from the
+  start and counts frames, as with `seek=False`; both give the same frames bit for bit. Frames that are not wanted
+  are never converted.
 
   Args:
     data: the encoded file.
     indices: frame numbers in presentation order, strictly increasing.
     height, width: output frame size (swscale bicubic, antialiased when downscaling).
-    threads: codec threads for this one decode (1: parallelism comes from decoding several clips).
+    threads: codec threads for this one decode (1: parallelism comes from decoding several clips; 0: FFmpeg's
+      choice).
+    seek: seek to the first wanted frame's keyframe (False: decode from the start).
   Returns:
     uint8 `[len(indices), height, width, 3]`, RGB.
   Raises:
-    BadInput: unreadable file, or fewer frames than `indices[-1] + 1`.
+    BadInput: unreadable file, or fewer frames than `indices[-1] + 1` (a file whose index or metadata claimed
+      more frames is caught here).
   """
   indices = [int(i) for i in indices]
-  if not indices or any(b <= a for a, b in zip(indices, indices[1:])):
-    raise ValueError(f"expected strictly increasing frame indices, got {indices}")
+  if not indices or indices[0] < 0 or any(b <= a for a, b in itertools.pairwise(indices)):
+    raise ValueError(f"expected strictly increasing frame indices >= 0, got {indices}")
+  if seek and indices[0] > 0:
+    out = _decode_seeking(data, indices, height, width, threads)
+    if out is not None:
+      return out
   out = np.empty((len(indices), height, width, 3), np.uint8)
-  container = _open_video(data)
   filled, frame_number = 0, -1
-  with container:
+  with _open_video(data) as container:
     stream = container.streams.video[0]
-    if threads != 1:
-      stream.thread_type = "AUTO"
-      stream.thread_count = threads
+    _set_threads(stream, threads)
     try:
       for frame_number, frame in enumerate(container.decode(stream)):
         if frame_number == indices[filled]:
-          out[filled] = frame.to_ndarray(format="rgb24", width=width, height=height,
-                                         interpolation=_SWS_INTERPOLATION)
+          out[filled] = _rgb(frame, height, width)
           filled += 1
           if filled == len(indices):
             break
@@ -267,70 +359,32 @@ def read_video(path: str, *, num_frames: int | None = None, stride: int = 1, sta
 
 
 # ----------------------------------------------------------------------------------------------------
-# Images in memory.
-# ----------------------------------------------------------------------------------------------------
-
-def open_rgb_image(data: bytes) -> Image.Image:
-  """Opens an image lazily (header only) and checks that it is 8-bit RGB.
-
-  Raises:
-    BadInput: empty, unreadable, or not RGB (grayscale, alpha, palette, CMYK, 16-bit ...).
-  """
-  if not data:
-    raise BadInput("empty file (0 bytes)")
-  try:
-    image = Image.open(io.BytesIO(data))
-  except (OSError, Image.DecompressionBombError, ValueError) as e:
-    raise BadInput(f"unreadable as image: {e}") from None
-  if image.mode != "RGB":
-    raise BadInput(f"expected an RGB image, got mode {image.mode!r} (grayscale/alpha/palette images "
-                   "are skipped)")
-  return image
-
-
-def load_image(image: Image.Image, height: int, width: int) -> np.ndarray:
-  """Decodes an image opened by `open_rgb_image` and resizes it to `height` x `width`.
-
-  JPEGs are decoded at a reduced DCT scale when that still covers the target size (Pillow `draft`).
-
-  Returns:
-    uint8 `[height, width, 3]`.
-  Raises:
-    BadInput: truncated or corrupt data.
-  """
-  try:
-    image.draft("RGB", (width, height))
-    image.load()
-    if image.size != (width, height):
-      image = image.resize((width, height), _PIL_RESAMPLE)
-    return np.asarray(image, dtype=np.uint8)
-  except (OSError, ValueError, SyntaxError) as e:
-    raise BadInput(f"truncated or corrupt image: {e}") from None
-
-
-def probe_image(data: bytes) -> ImageInfo:
-  """Opens and fully decodes an image to check it (RGB, not truncated)."""
-  image = open_rgb_image(data)
-  size = image.size
-  try:
-    image.load()
-  except (OSError, ValueError, SyntaxError) as e:
-    raise BadInput(f"truncated or corrupt image: {e}") from None
-  return ImageInfo(height=size[1], width=size[0])
-
-
-# ----------------------------------------------------------------------------------------------------
 # Writing.
 # ----------------------------------------------------------------------------------------------------
 
-def write_video(path: str, frames: np.ndarray, *, fps: float = 24.0, codec: str = "libx264",
+_NTSC_RATES = (24, 30, 48, 60, 120, 240)  # written as n * 1000 / 1001 when given as a rounded float (29.97)
+
+
+def rational_rate(fps: float | fractions.Fraction) -> fractions.Fraction:
+  """A frame rate as the exact fraction a container stores: Fractions as given; floats within 0.005 of an NTSC
+  rate n * 1000 / 1001 (23.976, 29.97, 59.94, ...) as that rate; other floats as the nearest fraction with a
+  denominator <= 1001 (25.0 -> 25, 12.5 -> 25/2)."""
+  if isinstance(fps, fractions.Fraction):
+    return fps
+  for n in _NTSC_RATES:
+    if abs(fps - n / 1.001) < 5e-3:
+      return fractions.Fraction(n * 1000, 1001)
+  return fractions.Fraction(fps).limit_denominator(1001)
+
+
+def write_video(path: str, frames: np.ndarray, *, fps: float | fractions.Fraction = 24.0, codec: str = "libx264",
                 options: dict[str, str] | None = None, faststart: bool = False) -> str:
   """Writes frames `[T, H, W, 3]` (float in [-1, 1], or uint8) to a video file; H and W must be even (yuv420p).
 
   Args:
     path: output file, e.g. "clip.mp4" (the container comes from the extension); its folder is created.
     frames: RGB frames.
-    fps: frame rate (rounded to an integer).
+    fps: frame rate, kept exactly (`rational_rate`: 29.97 and 30000/1001 are both written as 30000/1001).
     codec: PyAV encoder name ("libx264", "mpeg4", "libvpx", ...).
     options: encoder options (default for libx264: {"crf": "18"}).
     faststart: put the mp4 index in front (as web videos do), so that a cut file still opens.
@@ -349,7 +403,7 @@ def write_video(path: str, frames: np.ndarray, *, fps: float = 24.0, codec: str 
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   container_options = {"movflags": "+faststart"} if faststart else {}
   with av.open(path, mode="w", options=container_options) as container:
-    stream = container.add_stream(codec, rate=max(1, round(fps)) if fps else 24)
+    stream = container.add_stream(codec, rate=rational_rate(fps) if fps and fps > 0 else 24)
     stream.height, stream.width = frames.shape[1:3]
     stream.pix_fmt = "yuv420p"
     stream.options = dict(options)

@@ -304,7 +304,8 @@ def create_train_iterator(config, *, seed: int, process_index: int | None = None
   for spec, count in zip(specs, counts):
     host_batch = spec.host_batch_size(process_count)
     source = sources.open_source(**spec.source, stats=stats, workers=config.probe_workers,
-                                 where=f"streams.{spec.name}")
+                                 index_dir=config.get("index_dir", ""), process_index=process_index,
+                                 process_count=process_count, where=f"streams.{spec.name}")
     loader = ExampleLoader(source, spec, seed=seed, shuffle=config.shuffle, process_index=process_index,
                            process_count=process_count, stats=stats, max_attempts=config.max_attempts,
                            decode_threads=config.decode_threads)
@@ -388,7 +389,8 @@ def create_eval_iterator(config, *, process_index: int | None = None, process_co
                          short_side=ec.short_side, crop="center", start="first", stride_fallback=False,
                          where="eval")
   source = sources.open_source(**_source_kwargs(ec, config.embedded_dir), stats=stats,
-                               workers=config.probe_workers, where="eval")
+                               workers=config.probe_workers, index_dir=config.get("index_dir", ""),
+                               process_index=process_index, process_count=process_count, where="eval")
   n = len(source)
   per_host = math.ceil(n / process_count)
   batch = int(ec.batch_size)

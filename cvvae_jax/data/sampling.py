@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from cvvae_jax.data import media
+from cvvae_jax.data import images, media
 from cvvae_jax.data.stats import DataStats
 
 
@@ -160,8 +160,8 @@ def sample_example(record: dict[str, Any], spec: ClipSpec, rng: np.random.Genera
     frames = media.decode_video_frames(record["data"], indices, shape[0], shape[1],
                                        threads=decode_threads)
     return frames[:, y:y + h, x:x + w]
-  image = media.open_rgb_image(record["data"])
+  image = images.open_image(record["data"])
   short = int(rng.integers(spec.short_side[0], spec.short_side[1] + 1))
-  shape = media.resized_shape(image.size[1], image.size[0], spec.size, short)
+  shape = media.resized_shape(*images.oriented_size(image), spec.size, short)
   y, x = crop_offsets(rng, shape, spec.size, spec.crop)
-  return media.load_image(image, shape[0], shape[1])[None, y:y + h, x:x + w]
+  return images.load_image(image, shape[0], shape[1])[None, y:y + h, x:x + w]

@@ -19,11 +19,11 @@ import struct
 from typing import Any, Protocol
 
 import tensorflow_datasets as tfds
+from absl import logging
 from etils import epath
 
 from cvvae_jax import paths
-from cvvae_jax.data import builders, embedded, folders, media
-from cvvae_jax.data.folders import scan_folder
+from cvvae_jax.data import builders, embedded, folders, index, media
 from cvvae_jax.data.sampling import Kind
 from cvvae_jax.data.stats import DataStats
 
@@ -42,19 +42,34 @@ class Source(Protocol):
 
 
 class FolderSource:
-  """Files of one kind under a folder, probed once at start-up (bad files skipped and counted)."""
+  """Files of one kind under a folder, from its index (`index.py`: probed once, reused and updated on later starts;
+  bad files skipped and counted)."""
 
-  def __init__(self, root: str, kind: Kind, *, stats: DataStats, workers: int = 4):
+  def __init__(self, root: str, kind: Kind, *, stats: DataStats, workers: int = 4, index_dir: str = "",
+               process_index: int = 0, process_count: int = 1):
     self.root = paths.normalize(root)  # local (made absolute) or gs://...
     self.kind = kind
     self.name = f"folder:{self.root}"
+    built = index.build_index(self.root, kind, index_dir=index_dir, workers=workers, process_index=process_index,
+                              process_count=process_count)
+    extensions = media.EXTENSIONS[kind.value]
+    for rel in built.others:
+      ext = os.path.splitext(rel)[1].lower()
+      stats.skip(self.locate(rel), f"unsupported extension {ext or '(none)'!r} for a {kind.value} folder "
+                 f"(expected one of {', '.join(extensions)})")
     self._entries = []
-    for record in scan_folder(self.root, kind, workers=workers, on_skip=stats.skip):
-      del record["data"]  # read again on use; only metadata is kept in memory
-      self._entries.append(record)
+    for entry in built.entries:
+      if "error" in entry:
+        stats.skip(self.locate(entry["path"]), entry["error"])
+      else:
+        meta = {k: v for k, v in entry.items() if k not in ("path", "size", "mtime_ns")}
+        self._entries.append({"key": entry["path"], **meta})
+    logging.info("data: %s: %d usable of %d %s files (index %s: %d reused, %d probed here)", self.name,
+                 len(self._entries), built.counts["listed"], kind.value, built.path, built.counts["reused"],
+                 built.counts["probed"])
     if not self._entries:
       raise ValueError(f"no usable {kind.value} files in folder {self.root!r} ({stats.num_skipped} "
-                       f"file(s) skipped so far; expected extensions {media.EXTENSIONS[kind.value]})")
+                       f"file(s) skipped so far; expected extensions {extensions})")
 
   def __len__(self) -> int:
     return len(self._entries)
@@ -196,13 +211,16 @@ class TfdsSource:
 
 def open_source(*, kind: str | Kind, source: str, path: str = "", tfds_name: str = "",
                 split: str = "train", data_dir: str = "", data_key: str = "data", embedded_dir: str = "",
-                stats: DataStats, workers: int = 4, where: str = "stream") -> Source:
+                stats: DataStats, workers: int = 4, index_dir: str = "", process_index: int = 0,
+                process_count: int = 1, where: str = "stream") -> Source:
   """Opens the source a stream or eval config names; errors name the config fields to set.
 
   Args:
     kind: "video" or "image".
     source: "folder" (read `path` directly), "tfds" (`tfds_name`/`split` in `data_dir`), or
       "embedded" (the built-in real clips and photos, prepared under `embedded_dir` on first use).
+    workers, index_dir, process_index, process_count: how a folder's index is built and where it is kept
+      (`index.build_index`).
   """
   kind = Kind(kind) if isinstance(kind, str) else kind
   if source == "folder":
@@ -210,7 +228,8 @@ def open_source(*, kind: str | Kind, source: str, path: str = "", tfds_name: str
       raise ValueError(f"{where}.path is unset: expected a folder of {kind.value} files "
                        f"({', '.join(media.EXTENSIONS[kind.value])}), e.g. "
                        f"--config.data.{where.split('.', 1)[-1]}.path=/data/my_{kind.value}s")
-    return FolderSource(path, kind, stats=stats, workers=workers)
+    return FolderSource(path, kind, stats=stats, workers=workers, index_dir=index_dir, process_index=process_index,
+                        process_count=process_count)
   if source == "tfds":
     if not tfds_name:
       raise ValueError(f"{where}.tfds_name is unset: expected the name of a prepared TFDS dataset, "
