@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from cvvae_jax.data import folders, media, sources
+from cvvae_jax.data import folders, images, media, sources
 from cvvae_jax.data.sampling import Crop, crop_offsets
 from cvvae_jax.data.stats import DataStats
 
@@ -70,12 +70,11 @@ def load_clip(record: dict[str, Any], settings: ClipSettings, j: int,
     media.BadInput: too short or unreadable.
   """
   if kind == "image":
-    image = media.open_rgb_image(record["data"])
-    width, height = image.size
-    shape = media.resized_shape(height, width, settings.resolution, min(settings.resolution))
+    image = images.open_image(record["data"])  # any mode, to RGB; EXIF orientation applied (data/images.py)
+    shape = media.resized_shape(*images.oriented_size(image), settings.resolution, min(settings.resolution))
     y, x = crop_offsets(np.random.default_rng(0), shape, settings.resolution, Crop.CENTER)
     h, w = settings.resolution
-    return media.load_image(image, *shape)[None, y:y + h, x:x + w], np.zeros(1, np.int64), 0.0
+    return images.load_image(image, *shape)[None, y:y + h, x:x + w], np.zeros(1, np.int64), 0.0
   indices = frame_indices(int(record["num_frames"]), settings, j)
   shape = media.resized_shape(int(record["height"]), int(record["width"]), settings.resolution,
                               min(settings.resolution))
