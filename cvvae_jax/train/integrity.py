@@ -179,8 +179,7 @@ def describe_fault(error: BaseException) -> tuple[str, str, bool]:
   for patterns, what, todo, transient in _FAULTS:
     if any(p in text for p in patterns):
       return what, todo, transient
-  return (f"{type(error).__name__}: {first_line(error)}", "fix the cause above and run the same command again "
-          "(CVVAE_DEBUG=1 shows the traceback)", False)
+  return type(error).__name__, "fix its cause and run the same command again (CVVAE_DEBUG=1: the traceback)", False
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:

@@ -173,3 +173,119 @@ def test_verify_reports_ok_corrupt_unverified_and_moved_aside(tmp_path, capsys):
   _flip_byte(_array_files(ckpt / "4")[0])
   assert verify.main(["verify", str(tmp_path)]) == 1
   assert "newest good step: 2" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------- slow: python train.py
+
+LOSSES = ("loss/total", "loss/nll", "loss/kl", "disc/loss", "disc/logits_real")
+ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONPATH": ROOT}
+
+
+def _train_cmd(workdir, steps):
+  """`python train.py` on the tiny config of tests/multihost_config.py (checkpoints every 2 steps, synchronous), 1
+  CPU device."""
+  return [sys.executable, "train.py", "--config", f"{CONFIG}:{steps}", "--workdir", str(workdir),
+          "--config.mesh.data=1"]
+
+
+def _train(workdir, steps=4):
+  run = subprocess.run(_train_cmd(workdir, steps), cwd=ROOT, env={**os.environ, **ONE_DEVICE}, capture_output=True,
+                       text=True, timeout=600, check=False)
+  print(run.stderr[-3000:])  # shown on failure
+  return run.returncode, run.stderr.splitlines()
+
+
+def _history(workdir):
+  return json.loads((epath.Path(workdir) / records.HISTORY_JSON).read_text())
+
+
+def _losses(history):
+  return {k: v for k, v in history.items() if k in LOSSES}
+
+
+def _fallback_case(workdir):
+  """Trains 4 steps, truncates the largest array file of step 4, runs the same command again."""
+  rc, _ = _train(workdir)
+  assert rc == 0
+  before = _history(workdir)
+  step4 = epath.Path(workdir) / "checkpoints" / "4"
+  victim = _array_files(step4)[0]
+  rel = os.path.relpath(victim, os.fspath(step4))
+  _truncate(victim, 1000)
+  rc, lines = _train(workdir)
+  assert rc == 0
+  assert any("skipped checkpoint step 4" in line and rel in line and "moved it aside" in line for line in lines)
+  assert any("resumed from" in line and "at step 2" in line for line in lines)
+  after = _history(workdir)
+  # Steps 3 and 4 ran again from step 2: the losses of the uninterrupted run, bit for bit, each step once.
+  assert _losses(after) == _losses(before) and [s for s, _ in after["loss/total"]] == [1, 3]
+  (event,) = after[records.CHECKPOINT_FALLBACK]
+  assert event[0] == 2 and [(e["step"], e["moved_to"]) for e in event[1]] == [(4, "4.corrupt")]
+  assert rel in event[1][0]["error"] and "1000 bytes" in event[1][0]["error"]
+  names = sorted(p.name for p in (epath.Path(workdir) / "checkpoints").iterdir())
+  assert names == ["2", "4", "4.corrupt"]
+  rows = {r["name"]: r for r in verify.check_workdir(str(workdir))}
+  assert rows["4"]["ok"] and rows["4"]["restores"] and rows["2"]["ok"]
+  assert rows["4.corrupt"]["status"].startswith("moved aside")
+  assert integrity.verify_step(epath.Path(workdir) / "checkpoints" / "4") is not None
+  with pytest.raises(integrity.CheckpointIntegrityError, match=rel):
+    integrity.verify_step(epath.Path(workdir) / "checkpoints" / "4.corrupt")
+
+
+@pytest.mark.slow
+def test_train_py_falls_back_past_a_truncated_latest_step(tmp_path):
+  _fallback_case(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_train_py_on_gcs_falls_back_past_a_truncated_latest_step(gcs_server):
+  _fallback_case(gcs_server.bucket("faults") + "/run")
+  assert "run/checkpoints/4.corrupt/commit_success.txt" in gcs_server.objects("faults", "run/")
+
+
+def _can_unshare() -> str | None:
+  """None when `unshare -rm` can mount a tmpfs here, else why not."""
+  if shutil.which("unshare") is None:
+    return "no unshare command on this machine"
+  probe = subprocess.run(["unshare", "-rm", "sh", "-c", "d=$(mktemp -d) && mount -t tmpfs -o size=1m tmpfs $d"],
+                         capture_output=True, text=True, check=False)
+  return None if probe.returncode == 0 else f"unshare -rm cannot mount a tmpfs here: {probe.stderr.strip()}"
+
+
+@pytest.mark.slow
+def test_train_py_on_a_full_disk_stops_with_one_line_and_resumes_after_space_is_freed(tmp_path):
+  why = _can_unshare()
+  if why:
+    pytest.skip(why)
+  mnt, out = tmp_path / "mnt", tmp_path / "out"
+  mnt.mkdir()
+  out.mkdir()
+  run = " ".join(_train_cmd(mnt / "run", 4))
+  # 36 MB with 16 MB taken: step 2 (about 11 MB) fits, step 4 (about 15 MB more) does not; then the 16 MB are freed.
+  script = f"""
+    mount -t tmpfs -o size=36m tmpfs {mnt} || exit 90
+    head -c 16000000 /dev/zero > {mnt}/filler
+    {run} > {out}/full.log 2>&1; echo $? > {out}/full.rc
+    cp -r {mnt}/run {out}/after_full
+    rm {mnt}/filler
+    {run} > {out}/freed.log 2>&1; echo $? > {out}/freed.rc
+    cp -r {mnt}/run {out}/after_freed
+  """
+  subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, env={**os.environ, **ONE_DEVICE}, timeout=900,
+                 check=True)
+  full = (out / "full.log").read_text().splitlines()
+  print("\n".join(full[-40:]))
+  assert (out / "full.rc").read_text().strip() == "1"
+  errors = [line for line in full if line.startswith("error: ")]
+  assert len(errors) == 1, errors
+  assert errors[0].startswith("error: saving checkpoint step 4 failed: no space left on the device")
+  assert "the last good checkpoint is step 2 in" in errors[0] and "run the same command again" in errors[0]
+  assert sum(line.startswith("Traceback") for line in full) <= 1
+  assert not any("Event loop is closed" in line for line in full)
+  rows = {r["name"]: r for r in verify.check_workdir(str(out / "after_full"))}
+  assert rows["2"]["ok"] and rows["2"]["restores"] and "4" not in rows
+  freed = (out / "freed.log").read_text().splitlines()
+  assert (out / "freed.rc").read_text().strip() == "0", "\n".join(freed[-40:])
+  assert any("resumed from" in line and "at step 2" in line for line in freed)
+  assert sorted(os.listdir(out / "after_freed" / "checkpoints")) == ["2", "4"]
+  assert [s for s, _ in _history(out / "after_freed")["loss/total"]] == [1, 3]
