@@ -111,7 +111,8 @@ def verify_step(step_dir: str | os.PathLike) -> dict[str, Any] | None:
       raise CheckpointIntegrityError(step, rel, "missing")
     size, crc = file_checksum(p)
     if size != want["size"]:
-      raise CheckpointIntegrityError(step, rel, f"{size} bytes, {want['size']} bytes when saved (truncated or overwritten)")
+      raise CheckpointIntegrityError(step, rel,
+                                     f"{size} bytes, {want['size']} bytes when saved (truncated or overwritten)")
     if crc != want[ALGORITHM]:
       raise CheckpointIntegrityError(step, rel, f"crc32c {crc}, {want[ALGORITHM]} when saved (the content changed)")
   return record

@@ -62,7 +62,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     step_fn = TrainStep(models, mesh, state_sh, frozen_sh)
     reconstructor = probe_lib.Reconstructor(models, mesh, frozen)
-    extra = {"image_vae": {"path": config.image_vae.path, "model": registry.model_spec(image_vae)}} if image_vae is not None else {}
+    extra = ({"image_vae": {"path": config.image_vae.path, "model": registry.model_spec(image_vae)}}
+             if image_vae is not None else {})
     meta = checkpoint.make_meta(model=models.vae, config=config, **extra)
 
     if is_lead:

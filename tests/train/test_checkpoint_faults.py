@@ -15,15 +15,18 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
 from cvvae_jax.train import checkpoint, integrity, records, verify
 from tests.train.test_multihost import CONFIG, ROOT
+
 
 def _state(seed: float):
   return {"params": {"w": jnp.full((64, 64), seed, jnp.float32), "b": jnp.arange(512, dtype=jnp.float32) + seed},
@@ -136,11 +139,32 @@ def test_save_into_a_read_only_folder_is_one_clear_error(tmp_path):
   manager = checkpoint.CheckpointManager(str(tmp_path), enable_async_checkpointing=False)
   try:
     with pytest.raises(checkpoint.CheckpointSaveError,
-                       match=r"saving checkpoint step 2 failed: permission denied .*the last good checkpoint is step 1"):
+                       match=r"step 2 failed: permission denied .*the last good checkpoint is step 1"):
       manager.save(2, _state(2), checkpoint.make_meta(), force=True)
   finally:
     os.chmod(tmp_path / "checkpoints", 0o755)
     manager.close()
+
+
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
+def test_failed_async_save_stops_at_the_next_step_check(tmp_path, monkeypatch):
+  manager = checkpoint.CheckpointManager(str(tmp_path), enable_async_checkpointing=True)
+  manager.save(1, _state(1), checkpoint.make_meta(), force=True)
+  manager.wait_until_finished()
+
+  def fail(*args, **kwargs):
+    raise OSError(28, "No space left on device")  # as the commit of a full disk reports it
+
+  with monkeypatch.context() as m:  # the injected fault: the background commit of step 2 fails
+    m.setattr(ocp.path.atomicity.AtomicRenameTemporaryPath, "finalize", fail)
+    assert manager.save(2, _state(2), checkpoint.make_meta(), force=True)  # returns while the commit runs
+    with pytest.raises(checkpoint.CheckpointSaveError,
+                       match=r"step 2 failed: no space left on the device .*the last good checkpoint is step 1"):
+      for _ in range(600):  # the trainer calls check() once per step
+        manager.check()
+        time.sleep(0.05)
+  assert manager.all_steps() == [1]
+  manager.close()
 
 
 def test_describe_fault_names_the_usual_save_faults():
