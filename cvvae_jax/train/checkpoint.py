@@ -15,6 +15,12 @@ removed when the next manager starts, and `latest_step` / `restore_latest` only 
 step directory without its commit file is skipped with a warning). After a failed save the manager
 re-reads the step list from disk, so it never reports the failed step.
 
+Faults (`integrity.py`): each committed step gets `checksums.json` (crc32c of every file); `restore_latest`
+verifies it and falls back past damaged steps, moving them aside to `<step>.corrupt`; the step it restored is
+never deleted by keep-N; a failed save raises `CheckpointSaveError`, one line naming the step, the last good
+checkpoint and what to do (transient storage errors are retried with backoff first; an async save's failure
+surfaces at the next `check()`, called once per step).
+
     manager = checkpoint.CheckpointManager.from_config(workdir, config.train)
     reached = checkpoint.install_preemption_handler()
     restored = manager.restore_latest(sharding.with_shardings(abstract_state, state_shardings))
@@ -22,6 +28,7 @@ re-reads the step list from disk, so it never reports the failed step.
     meta = checkpoint.make_meta(model=vae, config=config)
     for step in range(start, total):
       state, metrics = train_step(state, batch, rng)
+      manager.check()                             # raises an async save's failure at the next step
       preempted = reached(step + 1)               # SIGTERM (or the multi-host preemption sync point)
       if manager.should_save(step + 1) or preempted:
         manager.save(step + 1, state, {**meta, "data": {"step": step + 1}}, force=True)
@@ -155,6 +162,7 @@ class CheckpointManager(CheckpointReader):
     super().__init__(workdir, options)
     integrity.drop_closed_loop_callbacks()  # the tracebacks of a failed save's late TensorStore callbacks
     self.verify, self.retries, self.retry_delay_s = bool(verify), int(retries), float(retry_delay_s)
+    self._async = bool(enable_async_checkpointing)
     self.restored_step: int | None = None
     self.skipped: list[dict[str, Any]] = []  # steps restore_latest could not restore: {step, error, moved_to}
     self._closed = False
@@ -213,7 +221,7 @@ class CheckpointManager(CheckpointReader):
         time.sleep(delay)
     if started:
       self._pending = step
-      if not self.manager._options.enable_async_checkpointing:  # pylint: disable=protected-access
+      if not self._async:
         self.wait_until_finished()
     return started
 
@@ -238,6 +246,7 @@ class CheckpointManager(CheckpointReader):
         multihost_utils.sync_global_devices(f"cvvae_checksums_{step}")
 
   def _save_error(self, step: int | None, error: BaseException) -> CheckpointSaveError:
+    integrity.save_failed()
     what, todo, _ = integrity.describe_fault(error)
     good = self.last_good_step()
     last = (f"the last good checkpoint is step {good} in {self.directory} (a restart resumes from it)"

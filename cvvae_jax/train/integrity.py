@@ -227,7 +227,31 @@ class _DropClosedLoopCallbacks:
     self.previous(unraisable)
 
 
+class _DropOrphanedWriteErrors(logging.Filter):
+  """On the `asyncio` logger: once a save has failed (`armed`), drops "... exception was never retrieved" records.
+
+  The same Orbax path gathers the writes of many arrays at once; after the first failure the other gathers' errors
+  are never awaited, and asyncio logs each with its traceback when the future is garbage-collected (often at exit).
+  They repeat the failure the save already reported. Before any save failed, nothing is dropped."""
+
+  armed = False
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (self.armed and "exception was never retrieved" in record.getMessage())
+
+
+_ORPHANED = _DropOrphanedWriteErrors()
+
+
 def drop_closed_loop_callbacks() -> None:
-  """Installs `_DropClosedLoopCallbacks` (once per process) in front of the current `sys.unraisablehook`."""
+  """Installs `_DropClosedLoopCallbacks` (once per process) in front of the current `sys.unraisablehook`, and
+  `_DropOrphanedWriteErrors` on the `asyncio` logger."""
   if not isinstance(sys.unraisablehook, _DropClosedLoopCallbacks):
     sys.unraisablehook = _DropClosedLoopCallbacks(sys.unraisablehook)
+  if _ORPHANED not in logging.getLogger("asyncio").filters:
+    logging.getLogger("asyncio").addFilter(_ORPHANED)
+
+
+def save_failed() -> None:
+  """Called when a save failed: from now on, the orphaned errors of its other writes are not logged again."""
+  _ORPHANED.armed = True
