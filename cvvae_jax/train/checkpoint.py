@@ -226,8 +226,10 @@ class CheckpointManager(CheckpointReader):
     return started
 
   def check(self) -> None:
-    """Call once per step: when an async save has finished, writes its checksums, or raises its failure."""
-    if self._pending is not None and not self.manager.is_saving_in_progress():
+    """Call once per step: when an async save has finished, writes its checksums, or raises its failure. With
+    several processes it does nothing (each would see its own save finish at another step, and the checksums are
+    followed by a barrier): there, a failure surfaces at the next `save` or at `close`."""
+    if self._pending is not None and jax.process_count() == 1 and not self.manager.is_saving_in_progress():
       self.wait_until_finished()
 
   def wait_until_finished(self) -> None:
