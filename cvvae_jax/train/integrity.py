@@ -184,7 +184,12 @@ def describe_fault(error: BaseException) -> tuple[str, str, bool]:
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:
-  """The first line of an error's message, at most `limit` characters."""
+  """The first line of the message of an error's root cause (`raise ... from`: e.g. TensorStore's `OUT_OF_RANGE:
+  Error reading ...` under Orbax's `Encountered error while reading array index`), at most `limit` characters."""
+  seen = {id(error)}
+  while error.__cause__ is not None and id(error.__cause__) not in seen:
+    error = error.__cause__
+    seen.add(id(error))
   text = (str(error).strip().splitlines() or [type(error).__name__])[0]
   return text if len(text) <= limit else text[:limit] + "..."
 
