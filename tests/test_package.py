@@ -30,7 +30,8 @@ MAX_LINES = 450
 ENTRY_POINTS = {"cvvae-train": "cvvae_jax.train.cli:main", "cvvae-eval": "cvvae_jax.eval.cli:main",
                 "cvvae-reconstruct": "cvvae_jax.inference.reconstruct:main", "cvvae-convert": "cvvae_jax.weights.cli:main",
                 "cvvae-prepare": "cvvae_jax.data.prepare:main",
-                "cvvae-encode-latents": "cvvae_jax.latents.encode:main"}
+                "cvvae-encode-latents": "cvvae_jax.latents.encode:main",
+                "cvvae-checkpoint": "cvvae_jax.train.verify:main"}
 
 
 def _modules() -> dict[str, str]:

@@ -15,6 +15,12 @@ removed when the next manager starts, and `latest_step` / `restore_latest` only 
 step directory without its commit file is skipped with a warning). After a failed save the manager
 re-reads the step list from disk, so it never reports the failed step.
 
+Faults (`integrity.py`): each committed step gets `checksums.json` (crc32c of every file); `restore_latest`
+verifies it and falls back past damaged steps, moving them aside to `<step>.corrupt`; the step it restored is
+never deleted by keep-N; a failed save raises `CheckpointSaveError`, one line naming the step, the last good
+checkpoint and what to do (transient storage errors are retried with backoff first; an async save's failure
+surfaces at the next `check()`, called once per step).
+
     manager = checkpoint.CheckpointManager.from_config(workdir, config.train)
     reached = checkpoint.install_preemption_handler()
     restored = manager.restore_latest(sharding.with_shardings(abstract_state, state_shardings))
@@ -22,6 +28,7 @@ re-reads the step list from disk, so it never reports the failed step.
     meta = checkpoint.make_meta(model=vae, config=config)
     for step in range(start, total):
       state, metrics = train_step(state, batch, rng)
+      manager.check()                             # raises an async save's failure at the next step
       preempted = reached(step + 1)               # SIGTERM (or the multi-host preemption sync point)
       if manager.should_save(step + 1) or preempted:
         manager.save(step + 1, state, {**meta, "data": {"step": step + 1}}, force=True)
@@ -38,6 +45,7 @@ import json
 import logging
 import signal
 import threading
+import time
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -47,6 +55,7 @@ from jax.experimental import multihost_utils
 
 from cvvae_jax import paths, utils
 from cvvae_jax.models import registry
+from cvvae_jax.train import integrity
 from cvvae_jax.weights import workdir as workdir_lib
 from cvvae_jax.weights.workdir import STATE, META, CheckpointReader
 
@@ -103,23 +112,47 @@ def _abstract_with_shardings(abstract_state: Any) -> Any:
   return out
 
 
+class CheckpointSaveError(OSError):
+  """A save that failed: one line saying what failed, at which step, the last good checkpoint and what to do."""
+
+
+class CheckpointRestoreError(ValueError):
+  """No committed step of a workdir restores; the message lists each step and its error."""
+
+
+class _Protected(ocp.checkpoint_managers.PreservationPolicy):
+  """Preserves the steps in `steps` (a set the manager updates: the step this run restored)."""
+
+  def __init__(self):
+    self.steps: set[int] = set()
+
+  def should_preserve(self, checkpoints, *, context):
+    del context
+    return [c.step in self.steps for c in checkpoints]
+
+
 class CheckpointManager(CheckpointReader):
   """Saves and restores `(state, meta)` under `<workdir>/checkpoints`. All processes call every method.
 
-  `manager` is the underlying `orbax.checkpoint.CheckpointManager` (items `state`: PyTree, `meta`: JSON).
+  `manager` is the underlying `orbax.checkpoint.CheckpointManager` (items `state`: PyTree, `meta`: JSON). Each
+  committed step gets its checksums (`integrity.write_checksums`); `restore_latest` verifies them (unless
+  `verify=False`) and falls back to older steps, moving damaged ones aside (`skipped` says which and why). A save that
+  fails raises `CheckpointSaveError` (transient storage errors are retried `retries` times with backoff first).
   """
 
   def __init__(self, workdir: str, *, save_interval_steps: int = 1, max_to_keep: int | None = None,
-               enable_async_checkpointing: bool = True, read_only: bool = False):
+               enable_async_checkpointing: bool = True, read_only: bool = False, verify: bool = True,
+               retries: int = 3, retry_delay_s: float = 2.0):
     if save_interval_steps < 1:
       raise ValueError(f"expected checkpoint.save_interval_steps >= 1, got {save_interval_steps}")
     if max_to_keep is not None and max_to_keep < 1:
       raise ValueError(f"expected checkpoint.max_to_keep >= 1 or None (keep all), got {max_to_keep}")
     policies = ocp.checkpoint_managers
+    self._protected = _Protected()  # keep-N never deletes the step this run restored
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=policies.AnySavePolicy([policies.FixedIntervalPolicy(save_interval_steps),
                                                      policies.PreemptionCheckpointingPolicy()]),
-        preservation_policy=policies.LatestN(max_to_keep),
+        preservation_policy=policies.AnyPreservationPolicy([policies.LatestN(max_to_keep), self._protected]),
         enable_async_checkpointing=enable_async_checkpointing,
         cleanup_tmp_directories=not read_only,  # leftovers of killed saves
         create=not read_only,
@@ -127,12 +160,21 @@ class CheckpointManager(CheckpointReader):
         save_interval_steps=0 if read_only else 1,  # superseded by save_decision_policy; 0 when read-only
     )
     super().__init__(workdir, options)
+    integrity.drop_closed_loop_callbacks()  # the tracebacks of a failed save's late TensorStore callbacks
+    self.verify, self.retries, self.retry_delay_s = bool(verify), int(retries), float(retry_delay_s)
+    self._async = bool(enable_async_checkpointing)
+    self.restored_step: int | None = None
+    self.skipped: list[dict[str, Any]] = []  # steps restore_latest could not restore: {step, error, moved_to}
+    self._closed = False
+    self._pending: int | None = None  # a saved step whose checksums are not written yet (async in flight)
 
   @classmethod
   def from_config(cls, workdir: str, train: ml_collections.ConfigDict, **kwargs) -> "CheckpointManager":
-    """The trainer's manager from `config.train`: checkpoint_every_steps, keep_checkpoints, async_checkpoints."""
+    """The trainer's manager from `config.train`: checkpoint_every_steps, keep_checkpoints, async_checkpoints,
+    verify_checkpoints."""
     return cls(workdir, save_interval_steps=train.checkpoint_every_steps, max_to_keep=train.keep_checkpoints,
-               enable_async_checkpointing=train.async_checkpoints, **kwargs)
+               enable_async_checkpointing=train.async_checkpoints, verify=train.get("verify_checkpoints", True),
+               **kwargs)
 
   # -------------------------------------------------------------------------------------------- steps
 
@@ -140,32 +182,87 @@ class CheckpointManager(CheckpointReader):
     """Whether `save(step, ...)` (without force) would write: on the interval, or at a preemption."""
     return self.manager.should_save(int(step))
 
+  def step_dir(self, step: int):
+    return ocp.path.step.build_step_path(self.directory, ocp.path.step.standard_name_format(), int(step))
+
+  def last_good_step(self) -> int | None:
+    """The newest committed step, not counting one whose save is in flight."""
+    steps = [s for s in self.all_steps() if s != self._pending]
+    return steps[-1] if steps else None
+
   # ------------------------------------------------------------------------------------------- saving
 
   def save(self, step: int, state: Any, meta: Mapping[str, Any], force: bool = False) -> bool:
     """Saves `state` (a pytree of arrays) and `meta` (JSON) at `step` if due (or `force`). Returns whether a
-    save started; False also when `step` is already saved. Async: returns after the device->host copy."""
+    save started; False also when `step` is already saved. Async: returns after the device->host copy; its
+    failure surfaces at the next `check`, `save` or `wait_until_finished`."""
     step = int(step)
     _check_json(meta)
+    self.wait_until_finished()
     if step in self.manager.all_steps():
       if step in self.all_steps():
         return False  # already saved (e.g. a final forced save right after a periodic one)
       raise ValueError(f"checkpoint directory of step {step} in {self.directory} exists but was never "
                        f"committed (no {workdir_lib.COMMIT_FILE}); move it away to save this step again")
     args = ocp.args.Composite(**{STATE: ocp.args.PyTreeSave(state), META: ocp.args.JsonSave(dict(meta))})
-    try:
-      return self.manager.save(step, args=args, force=force)
-    except BaseException:
-      self._recover()
-      raise
+    for attempt in range(self.retries + 1):
+      try:
+        started = self.manager.save(step, args=args, force=force)
+        break
+      except Exception as e:  # pylint: disable=broad-except
+        self._recover()
+        what, _, transient = integrity.describe_fault(e)
+        if not transient or attempt == self.retries:
+          raise self._save_error(step, e) from e
+        delay = self.retry_delay_s * 2 ** attempt
+        log.warning("saving checkpoint step %d failed (%s: %s); retrying in %.0f s (%d/%d)", step, what,
+                    integrity.first_line(e), delay, attempt + 1, self.retries)
+        self._remove_partial(step)
+        time.sleep(delay)
+    if started:
+      self._pending = step
+      if not self._async:
+        self.wait_until_finished()
+    return started
+
+  def check(self) -> None:
+    """Call once per step: when an async save has finished, writes its checksums, or raises its failure. With
+    several processes it does nothing (each would see its own save finish at another step, and the checksums are
+    followed by a barrier): there, a failure surfaces at the next `save` or at `close`."""
+    if self._pending is not None and jax.process_count() == 1 and not self.manager.is_saving_in_progress():
+      self.wait_until_finished()
 
   def wait_until_finished(self) -> None:
-    """Blocks until an async save is committed; re-raises its error (the previous checkpoint stays)."""
+    """Blocks until an async save is committed and its checksums written; raises `CheckpointSaveError` when it
+    failed (the previous checkpoint stays)."""
+    step, self._pending = self._pending, None
     try:
       self.manager.wait_until_finished()
-    except BaseException:
+      if step is not None and jax.process_index() == 0:
+        integrity.write_checksums(self.step_dir(step))
+    except Exception as e:  # pylint: disable=broad-except
       self._recover()
-      raise
+      raise self._save_error(step, e) from e
+    finally:
+      if step is not None and jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"cvvae_checksums_{step}")
+
+  def _save_error(self, step: int | None, error: BaseException) -> CheckpointSaveError:
+    integrity.save_failed()
+    what, todo, _ = integrity.describe_fault(error)
+    good = self.last_good_step()
+    last = (f"the last good checkpoint is step {good} in {self.directory} (a restart resumes from it)"
+            if good is not None else f"no checkpoint was saved yet in {self.directory}")
+    return CheckpointSaveError(f"saving checkpoint step {step} failed: {what} ({integrity.first_line(error, 160)}); "
+                               f"{last}; {todo}")
+
+  def _remove_partial(self, step: int) -> None:
+    """Before retrying a save: the step's uncommitted folders (tmp or, on object stores, the final name)."""
+    if jax.process_index() == 0:
+      for p in self.directory.glob(f"{step}*"):
+        if p.name == str(step) and not self.is_committed(step) or p.name.startswith(f"{step}.orbax-checkpoint-tmp"):
+          p.rmtree(missing_ok=True)
+    paths.refresh(self.directory)
 
   def _recover(self) -> None:
     """After a failed save: Orbax has already listed the failed step (and dropped the steps it meant to
@@ -179,7 +276,7 @@ class CheckpointManager(CheckpointReader):
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """`(state, meta)` of `step`, arrays placed on the shardings carried by `abstract_state` (a pytree of
-    `jax.ShapeDtypeStruct` with `.sharding`, of the saved structure)."""
+    `jax.ShapeDtypeStruct` with `.sharding`, of the saved structure). Nothing is verified (`restore_latest` is)."""
     target = _abstract_with_shardings(abstract_state)
     args = ocp.args.Composite(**{
         STATE: ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)),
@@ -188,20 +285,66 @@ class CheckpointManager(CheckpointReader):
     return restored[STATE], restored[META]
 
   def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
-    """`restore(latest_step(), abstract_state)`, or None when no committed checkpoint exists."""
+    """`(state, meta)` of the newest committed step that verifies (`verify`) and restores, or None when no
+    committed checkpoint exists.
+
+    A step that fails its checksums, or fails to read while unverified (no checksums, or `verify=False`), is
+    logged and, once an older step has restored, moved aside (`<step>.corrupt`; `skipped` lists them). A step whose
+    files verify but which does not restore into `abstract_state` is not damage (another model or config): that
+    error is raised. When no step restores, nothing is moved and `CheckpointRestoreError` lists each step's error.
+    """
     self.wait_until_finished()
     paths.refresh(self.directory)
     self.manager.reload()
-    step = self.latest_step()
-    if step is None:
-      return None
-    return self.restore(step, abstract_state)
+    failed = []
+    for step in reversed(self.all_steps()):
+      verified = None
+      try:
+        if self.verify:
+          verified = integrity.verify_step(self.step_dir(step))
+          if verified is None:
+            log.warning("checkpoint step %d in %s has no %s: restoring it unverified", step, self.directory,
+                        integrity.CHECKSUMS_FILE)
+        restored = self.restore(step, abstract_state)
+      except Exception as e:  # pylint: disable=broad-except
+        if verified is not None:
+          raise ValueError(f"checkpoint step {step} in {self.directory} passed its checksums but does not restore "
+                           f"into this run's state (another model or config?): {e}") from e
+        log.error("checkpoint step %d in %s cannot be restored: %s", step, self.directory, integrity.first_line(e))
+        failed.append((step, e))
+        continue
+      self._settle(step, failed)
+      return restored
+    if failed:
+      raise CheckpointRestoreError(f"no checkpoint in {self.directory} restores (nothing was moved): " + "; ".join(
+          f"step {s}: {integrity.first_line(e)}" for s, e in failed))
+    return None
+
+  def _settle(self, step: int, failed: list[tuple[int, BaseException]]) -> None:
+    """After restoring `step`: the newer steps that failed are moved aside (process 0), `step` is protected."""
+    self.skipped = []
+    for bad, error in failed:
+      where = self.step_dir(bad)
+      moved = integrity.move_aside(where) if jax.process_index() == 0 else where.with_name(where.name + ".corrupt")
+      self.skipped.append({"step": bad, "error": integrity.first_line(error), "moved_to": moved.name})
+      log.warning("skipped checkpoint step %d (%s): moved it aside to %s; resuming from step %d", bad,
+                  integrity.first_line(error), moved, step)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("cvvae_checkpoint_fallback")
+    if failed:
+      paths.refresh(self.directory)
+      self.manager.reload()
+    self.restored_step = step
+    self._protected.steps = {step}
 
   def close(self) -> None:
-    """Waits for an async save, then releases Orbax's threads."""
+    """Waits for an async save (raising its failure), then releases Orbax's threads (once)."""
+    if self._closed:
+      return
     try:
       self.wait_until_finished()
     finally:
+      self._closed = True
       self.manager.close()
 
 

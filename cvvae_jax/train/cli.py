@@ -6,6 +6,7 @@ r"""Train CV-VAE (or the SD image VAE): `cvvae-train --config configs/cvvae.py[:
 PyTorch layout. A config or data error ends the run with one line `error: ...` (CVVAE_DEBUG=1: the traceback).
 """
 import logging as std_logging
+import os
 import sys
 
 import jax
@@ -24,10 +25,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _QuietLibraries:
-  """Drops INFO records of libraries that log every checkpoint/save step (orbax), keeping warnings."""
+  """Drops INFO records of libraries that log every checkpoint/save step (orbax), keeping warnings; Orbax's errors
+  keep their line but lose their traceback (a failed save is reported once, as `error: ...`), unless CVVAE_DEBUG=1."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= 30 or "/orbax/" not in record.pathname
+    if "/orbax/" not in record.pathname:
+      return True
+    if record.exc_info and not os.environ.get(cli.DEBUG_ENV):
+      record.exc_info, record.exc_text = None, None
+    return record.levelno >= 30
 
 
 def _main(argv) -> None:

@@ -33,6 +33,7 @@ def train_section(scale: str) -> ml_collections.ConfigDict:
       checkpoint_every_steps=2_000 if full else 80,
       keep_checkpoints=3,
       async_checkpoints=True,
+      verify_checkpoints=True,                       # check each step's crc32c checksums before restoring it
       grad_accum_steps=1,                            # micro-batches per step (the batch dim is split)
       ema_decay=0.0,                                 # 0 disables the EMA of generator params
       max_nan_steps=10,                              # consecutive non-finite steps before stopping

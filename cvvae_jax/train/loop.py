@@ -56,81 +56,99 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   abstract = jax.eval_shape(functools.partial(init_state, models), root)
   state_sh = sharding.state_shardings(abstract, mesh)
   manager = checkpoint.CheckpointManager.from_config(workdir, config.train)
-  state = _restore_or_init(config, models, mesh, manager, root, abstract, state_sh, frozen_host)
-  start_step = int(state.step)
-
-  step_fn = TrainStep(models, mesh, state_sh, frozen_sh)
-  reconstructor = probe_lib.Reconstructor(models, mesh, frozen)
-  extra = {"image_vae": {"path": config.image_vae.path, "model": registry.model_spec(image_vae)}} if image_vae is not None else {}
-  meta = checkpoint.make_meta(model=models.vae, config=config, **extra)
-
-  if is_lead:
-    workdir.mkdir(parents=True, exist_ok=True)
-    paths.write_atomic(workdir / "config.json", json.dumps(meta["config"], indent=2))
-  writer = records.create_writer(workdir, just_logging=not is_lead)
-  if start_step == 0 and is_lead:
-    writer.write_hparams(_flat_config(config))
-  num_steps = int(config.train.num_steps)
-  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
-                                           every_steps=config.train.log_every_steps)
-  reached_preemption = checkpoint.install_preemption_handler()
-  history = records.History(writer)
-  if is_lead and start_step > 0:
-    history.resume(workdir, start_step)
-  batches = data_lib.create_train_iterator(config.data, seed=config.data.seed, start_step=start_step)
-  probe = probe_lib.load_probe(config, models) if config.train.eval_every_steps > 0 else None
-  probe_every = config.train.eval_every_steps
-  t0, examples, picture_batch, window = time.time(), 0, None, MetricWindow()
-
-  if probe is not None and start_step == 0:
-    _probe(reconstructor, state, probe, config, models, history, 0)
-  logging.info("training %s for %d steps on mesh %s from step %d", type(models.vae).__name__, num_steps,
-               dict(mesh.shape), start_step)
-  step = start_step
   try:
-    while step < num_steps:
-      batch = next(batches)
-      video = sharding.shard_host_batch({"video": batch["video"]}, mesh)
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, metrics, update = step_fn(state, video, root, frozen, step)
-      window.add(update, metrics)
-      step += 1
-      examples += batch["video"].shape[0] * jax.process_count()
-      report(step)
-      if step % config.train.log_every_steps == 0 or step == num_steps:
-        _check_nan_streak(state, step, config, manager)
-        elapsed = time.time() - t0
-        scalars = window.result()
-        scalars.update({"perf/examples_per_s": examples / elapsed, "perf/steps_per_s": (step - start_step) / elapsed})
-        history.record(step, scalars)
-        _log_step(step, num_steps, scalars)
-      if batch["video"].shape[1] > 1 or not models.is_video:
-        picture_batch = batch["video"][:2]  # the latest clip batch (CV-VAE) or image batch, for pictures
-      if step % config.train.image_every_steps == 0 and picture_batch is not None:
-        pictures, x_hat, decoded = reconstructor(state.params, picture_batch)  # every process; process 0 writes
-        if is_lead:
-          grid = records.reconstruction_grid(pictures, x_hat, decoded)
-          records.save_png(workdir / "images" / f"reconstruction_{step:07d}.png", grid)
-          writer.write_images(step, {"reconstruction": grid[None]})
-      if probe is not None and (step % probe_every == 0 or step == num_steps):
-        _probe(reconstructor, state, probe, config, models, history, step)
-      preempted = reached_preemption(step)
-      saving = manager.should_save(step) or step == num_steps or preempted
-      if is_lead and (history.changed or saving):  # before the checkpoint: a resume finds every step up to it
-        history.save(workdir, curves=records.CURVES if saving else None)
-        writer.flush()
-      if saving:
-        manager.save(step, state, {**meta, "data": batches.state()}, force=True)
-      if preempted:
-        logging.warning("preemption signal: saved step %d, exiting", step)
-        break
-  finally:
-    manager.wait_until_finished()
-    batches.close()
-    writer.close()
+    state = _restore_or_init(config, models, mesh, manager, root, abstract, state_sh, frozen_host)
+    start_step = int(state.step)
+
+    step_fn = TrainStep(models, mesh, state_sh, frozen_sh)
+    reconstructor = probe_lib.Reconstructor(models, mesh, frozen)
+    extra = ({"image_vae": {"path": config.image_vae.path, "model": registry.model_spec(image_vae)}}
+             if image_vae is not None else {})
+    meta = checkpoint.make_meta(model=models.vae, config=config, **extra)
+
+    if is_lead:
+      workdir.mkdir(parents=True, exist_ok=True)
+      paths.write_atomic(workdir / "config.json", json.dumps(meta["config"], indent=2))
+    writer = records.create_writer(workdir, just_logging=not is_lead)
+    if start_step == 0 and is_lead:
+      writer.write_hparams(_flat_config(config))
+    num_steps = int(config.train.num_steps)
+    report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                             every_steps=config.train.log_every_steps)
+    reached_preemption = checkpoint.install_preemption_handler()
+    history = records.History(writer)
+    if is_lead and start_step > 0:
+      history.resume(workdir, start_step)
+    if is_lead and manager.skipped:
+      history.note(start_step, records.CHECKPOINT_FALLBACK, manager.skipped)
+    batches = data_lib.create_train_iterator(config.data, seed=config.data.seed, start_step=start_step)
+    probe = probe_lib.load_probe(config, models) if config.train.eval_every_steps > 0 else None
+    probe_every = config.train.eval_every_steps
+    t0, examples, picture_batch, window = time.time(), 0, None, MetricWindow()
+
+    if probe is not None and start_step == 0:
+      _probe(reconstructor, state, probe, config, models, history, 0)
+    logging.info("training %s for %d steps on mesh %s from step %d", type(models.vae).__name__, num_steps,
+                 dict(mesh.shape), start_step)
+    step = start_step
+    try:
+      while step < num_steps:
+        batch = next(batches)
+        video = sharding.shard_host_batch({"video": batch["video"]}, mesh)
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          state, metrics, update = step_fn(state, video, root, frozen, step)
+        window.add(update, metrics)
+        step += 1
+        manager.check()  # an async save that failed stops the run here, at the next step
+        examples += batch["video"].shape[0] * jax.process_count()
+        report(step)
+        if step % config.train.log_every_steps == 0 or step == num_steps:
+          _check_nan_streak(state, step, config, manager)
+          elapsed = time.time() - t0
+          scalars = window.result()
+          scalars.update({"perf/examples_per_s": examples / elapsed, "perf/steps_per_s": (step - start_step) / elapsed})
+          history.record(step, scalars)
+          _log_step(step, num_steps, scalars)
+        if batch["video"].shape[1] > 1 or not models.is_video:
+          picture_batch = batch["video"][:2]  # the latest clip batch (CV-VAE) or image batch, for pictures
+        if step % config.train.image_every_steps == 0 and picture_batch is not None:
+          pictures, x_hat, decoded = reconstructor(state.params, picture_batch)  # every process; process 0 writes
+          if is_lead:
+            grid = records.reconstruction_grid(pictures, x_hat, decoded)
+            records.save_png(workdir / "images" / f"reconstruction_{step:07d}.png", grid)
+            writer.write_images(step, {"reconstruction": grid[None]})
+        if probe is not None and (step % probe_every == 0 or step == num_steps):
+          _probe(reconstructor, state, probe, config, models, history, step)
+        preempted = reached_preemption(step)
+        saving = manager.should_save(step) or step == num_steps or preempted
+        if is_lead and (history.changed or saving):  # before the checkpoint: a resume finds every step up to it
+          history.save(workdir, curves=records.CURVES if saving else None)
+          writer.flush()
+        if saving:
+          manager.save(step, state, {**meta, "data": batches.state()}, force=True)
+        if preempted:
+          logging.warning("preemption signal: saved step %d, exiting", step)
+          break
+    finally:
+      batches.close()
+      writer.close()
+    manager.close()  # waits for the last save; raises its failure
+  except BaseException:
+    _close_after_error(manager)
+    raise
   if is_lead:
     history.save(workdir)
   return state
+
+
+def _close_after_error(manager: checkpoint.CheckpointManager) -> None:
+  """Closes the manager while an error propagates (Orbax's threads and event loops end before the interpreter's;
+  left open, they fail at exit with pages of `RuntimeError: Event loop is closed`); its own failure is logged, the
+  first error is the one reported."""
+  try:
+    manager.close()
+  except Exception as e:  # pylint: disable=broad-except
+    logging.error("while stopping after an error: %s", e)
 
 
 def _restore_or_init(config, models: build.Models, mesh, manager: checkpoint.CheckpointManager, root: jax.Array,

@@ -27,6 +27,7 @@ from cvvae_jax import paths
 
 HISTORY_JSON = "history.json"
 CURVES_PNG = "loss_curves.png"
+CHECKPOINT_FALLBACK = "checkpoint/fallback"  # events: [step resumed, [{"step", "error", "moved_to"}, ...]]
 
 CURVES = ("loss/total", "loss/nll", "rec/l1", "loss/reg_decoder", "loss/kl", "disc/loss", "val/rec_l1", "val/reg_l1",
           "val/psnr", "val/reg_psnr")
@@ -45,6 +46,12 @@ class History:
     for k, v in scalars.items():
       self.values.setdefault(k, []).append((int(step), float(v)))
     self.changed = bool(scalars) or self.changed
+
+  def note(self, step: int, key: str, value) -> None:
+    """Records a JSON event (not a scalar: not plotted, not sent to the writer), e.g. the checkpoints a resume
+    skipped under `CHECKPOINT_FALLBACK`."""
+    self.values.setdefault(key, []).append((int(step), value))
+    self.changed = True
 
   def resume(self, workdir: str | os.PathLike, step: int) -> None:
     """Takes the entries of `workdir/history.json` up to `step` (the restored checkpoint's), dropping later ones:

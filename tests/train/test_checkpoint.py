@@ -232,33 +232,37 @@ def test_failed_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, async
       m.setattr(ocp.path.atomicity.AtomicRenameTemporaryPath, "finalize", _raise)
     else:  # the array writer fails
       m.setattr(ocp.PyTreeCheckpointHandler, "async_save", _raise)
-    with pytest.raises(Boom):
+    with pytest.raises(checkpoint.CheckpointSaveError, match="saving checkpoint step 2 failed: Boom .*the last good "
+                       "checkpoint is step 1") as failed:
       ckpt.save(2, new, _meta(2))
       ckpt.wait_until_finished()
+    assert isinstance(failed.value.__cause__, Boom)
   assert ckpt.latest_step() == 1 and ckpt.all_steps() == [1]
   restored, meta = ckpt.restore_latest(_abstract(good))
   _assert_bit_identical(restored, good)
   assert meta["data"]["step"] == 1
-  # The manager keeps working: a retry of the step commits, and only then is step 1 dropped (max_to_keep=1).
+  # The manager keeps working: a retry of the step commits. Step 1 stays besides it although max_to_keep=1: this
+  # manager restored it, and keep-N never deletes the step a run restored.
   assert ckpt.save(2, new, _meta(2))
   ckpt.wait_until_finished()
-  assert ckpt.all_steps() == [2]
+  assert ckpt.all_steps() == [1, 2]
   if where == "write":  # a failure before the commit leaves a temporary directory...
     ckpt.save(3, new, _meta(3))
     with monkeypatch.context() as m:
       m.setattr(ocp.PyTreeCheckpointHandler, "async_save", _raise)
-      with pytest.raises(Boom):
+      with pytest.raises(checkpoint.CheckpointSaveError, match="step 4 failed: Boom"):
         ckpt.save(4, new, _meta(4))
         ckpt.wait_until_finished()
   ckpt.close()
   left = sorted(os.listdir(os.path.join(tmp_path, "checkpoints")))
-  last = left[0]
+  committed = [d for d in left if d.isdigit()]
+  last = committed[-1]
   assert any(".orbax-checkpoint-tmp" in d for d in left) == (where == "write"), left
-  assert last in ("2", "3") and "1" not in left
+  assert last in ("2", "3") and committed == ["1", last]
   with _manager(tmp_path) as again:  # ...which a restart removes
-    assert again.all_steps() == [int(last)]
+    assert again.all_steps() == [1, int(last)]
     _assert_bit_identical(again.restore_latest(_abstract(new))[0], new)
-  assert sorted(os.listdir(os.path.join(tmp_path, "checkpoints"))) == [last]
+  assert sorted(os.listdir(os.path.join(tmp_path, "checkpoints"))) == ["1", last]
 
 
 def test_incomplete_step_directories_are_ignored(tmp_path):

@@ -1,0 +1,320 @@
+"""Checkpoint faults a long run meets (issue #19): checksums, fallback past damaged steps, faults during a save, and
+`cvvae-checkpoint verify`.
+
+Default suite (seconds): a small state saved by `CheckpointManager` in a real local folder, then damaged on disk (a
+byte flipped, a file truncated): checksums catch it, `restore_latest` falls back and moves the step aside, keep-N
+spares the restored step, nothing restoring is an error listing each step; a save into a read-only folder is one
+clear `CheckpointSaveError`. Slow: `python train.py` (the command a user restarts) on real workdirs: a truncated array
+file of the latest step, locally and on the local GCS-API server; a small tmpfs that fills during a save (inside
+`unshare -rm`, so no mount outlives the test), then the same command after space was freed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from etils import epath
+
+from cvvae_jax.train import checkpoint, integrity, records, verify
+from tests.train.test_multihost import CONFIG, ROOT
+
+
+def _state(seed: float):
+  return {"params": {"w": jnp.full((64, 64), seed, jnp.float32), "b": jnp.arange(512, dtype=jnp.float32) + seed},
+          "step": jnp.asarray(int(seed), jnp.int32)}
+
+
+def _abstract():
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), _state(0))
+
+
+def _save(workdir, steps, **kwargs) -> None:
+  manager = checkpoint.CheckpointManager(str(workdir), enable_async_checkpointing=False, **kwargs)
+  for s in steps:
+    manager.save(s, _state(s), checkpoint.make_meta(data_state={"step": s}), force=True)
+  manager.close()
+
+
+def _array_files(step_dir) -> list[str]:
+  """The step's array data files (OCDBT data), largest first."""
+  d = epath.Path(step_dir) / "state" / "ocdbt.process_0" / "d"
+  return sorted((os.fspath(p) for p in d.iterdir()), key=lambda p: -epath.Path(p).stat().length)
+
+
+def _flip_byte(path) -> None:
+  p = epath.Path(path)
+  data = bytearray(p.read_bytes())
+  data[len(data) // 2] ^= 0x01
+  p.write_bytes(bytes(data))
+
+
+def _truncate(path, size=100) -> None:
+  p = epath.Path(path)
+  p.write_bytes(p.read_bytes()[:size])
+
+
+def test_checksums_are_recorded_and_catch_a_flipped_byte(tmp_path):
+  _save(tmp_path, [1, 2])
+  step_dir = tmp_path / "checkpoints" / "2"
+  record = json.loads((step_dir / integrity.CHECKSUMS_FILE).read_text())
+  files = [os.path.relpath(os.path.join(d, n), step_dir) for d, _, ns in os.walk(step_dir) for n in ns
+           if n != integrity.CHECKSUMS_FILE]
+  assert record["algorithm"] == "crc32c" and sorted(record["files"]) == sorted(files)
+  assert integrity.verify_step(step_dir) == record
+  victim = _array_files(step_dir)[0]
+  size = os.path.getsize(victim)
+  _flip_byte(victim)
+  assert os.path.getsize(victim) == size
+  rel = os.path.relpath(victim, step_dir)
+  with pytest.raises(integrity.CheckpointIntegrityError, match=rf"checkpoint step 2: {rel}: crc32c .* when saved"):
+    integrity.verify_step(step_dir)
+
+
+def test_restore_falls_back_past_a_damaged_step_and_moves_it_aside(tmp_path, caplog):
+  _save(tmp_path, [1, 2, 3])
+  _flip_byte(_array_files(tmp_path / "checkpoints" / "3")[0])
+  manager = checkpoint.CheckpointManager(str(tmp_path), enable_async_checkpointing=False, max_to_keep=2)
+  state, meta = manager.restore_latest(_abstract())
+  assert int(state["step"]) == 2 and meta["data"] == {"step": 2}
+  np.testing.assert_array_equal(state["params"]["w"], np.full((64, 64), 2.0))
+  assert manager.restored_step == 2 and [s["step"] for s in manager.skipped] == [3]
+  assert manager.skipped[0]["moved_to"] == "3.corrupt" and "crc32c" in manager.skipped[0]["error"]
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2", "3.corrupt"]
+  assert manager.all_steps() == [1, 2]
+  assert any("skipped checkpoint step 3" in r.getMessage() for r in caplog.records)
+  # keep-N (2) spares the restored step 2: after saving 4 and 5, steps 2, 4 and 5 remain; 3.corrupt stays.
+  for s in (4, 5):
+    manager.save(s, _state(s), checkpoint.make_meta(), force=True)
+  manager.close()
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "3.corrupt", "4", "5"]
+
+
+def test_unverified_truncated_step_falls_back_and_nothing_restoring_lists_each_step(tmp_path):
+  _save(tmp_path, [1, 2])
+  for s in (1, 2):
+    _truncate(_array_files(tmp_path / "checkpoints" / str(s))[0])
+  manager = checkpoint.CheckpointManager(str(tmp_path), enable_async_checkpointing=False, verify=False)
+  with pytest.raises(checkpoint.CheckpointRestoreError,
+                     match=r"no checkpoint in .* restores \(nothing was moved\): step 2: .*; step 1: "):
+    manager.restore_latest(_abstract())
+  manager.close()
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+
+
+def test_intact_step_of_another_structure_is_an_error_not_damage(tmp_path):
+  _save(tmp_path, [1])
+  other = dict(_abstract(), extra=_abstract()["step"])
+  manager = checkpoint.CheckpointManager(str(tmp_path), enable_async_checkpointing=False)
+  with pytest.raises(ValueError, match="step 1 .* passed its checksums but does not restore"):
+    manager.restore_latest(other)
+  manager.close()
+  assert os.listdir(tmp_path / "checkpoints") == ["1"]
+
+
+def test_history_records_the_fallback(tmp_path):
+  writer = records.create_writer(str(tmp_path), just_logging=True)
+  history = records.History(writer)
+  history.record(1, {"loss/total": 1.0})
+  history.note(2, records.CHECKPOINT_FALLBACK, [{"step": 4, "error": "x", "moved_to": "4.corrupt"}])
+  history.save(tmp_path, curves=None)
+  saved = json.loads((tmp_path / records.HISTORY_JSON).read_text())
+  assert saved[records.CHECKPOINT_FALLBACK] == [[2, [{"step": 4, "error": "x", "moved_to": "4.corrupt"}]]]
+
+
+def test_save_into_a_read_only_folder_is_one_clear_error(tmp_path):
+  if os.geteuid() == 0:
+    pytest.skip("running as root: file permissions do not stop root from writing")
+  _save(tmp_path, [1])
+  os.chmod(tmp_path / "checkpoints", 0o555)
+  manager = checkpoint.CheckpointManager(str(tmp_path), enable_async_checkpointing=False)
+  try:
+    with pytest.raises(checkpoint.CheckpointSaveError,
+                       match=r"step 2 failed: permission denied .*the last good checkpoint is step 1"):
+      manager.save(2, _state(2), checkpoint.make_meta(), force=True)
+  finally:
+    os.chmod(tmp_path / "checkpoints", 0o755)
+    manager.close()
+
+
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
+def test_failed_async_save_stops_at_the_next_step_check(tmp_path, monkeypatch):
+  manager = checkpoint.CheckpointManager(str(tmp_path), enable_async_checkpointing=True)
+  manager.save(1, _state(1), checkpoint.make_meta(), force=True)
+  for _ in range(600):  # the async save's checksums are written once it has finished
+    manager.check()
+    if manager.is_committed(1) and (tmp_path / "checkpoints" / "1" / integrity.CHECKSUMS_FILE).exists():
+      break
+    time.sleep(0.05)
+  assert integrity.verify_step(tmp_path / "checkpoints" / "1") is not None
+
+  def fail(*args, **kwargs):
+    raise OSError(28, "No space left on device")  # as the commit of a full disk reports it
+
+  with monkeypatch.context() as m:  # the injected fault: the background commit of step 2 fails
+    m.setattr(ocp.path.atomicity.AtomicRenameTemporaryPath, "finalize", fail)
+    assert manager.save(2, _state(2), checkpoint.make_meta(), force=True)  # returns while the commit runs
+    with pytest.raises(checkpoint.CheckpointSaveError,
+                       match=r"step 2 failed: no space left on the device .*the last good checkpoint is step 1"):
+      for _ in range(600):  # the trainer calls check() once per step
+        manager.check()
+        time.sleep(0.05)
+  assert manager.all_steps() == [1]
+  manager.close()
+
+
+def test_describe_fault_names_the_usual_save_faults():
+  assert integrity.describe_fault(OSError(28, "No space left on device"))[0] == "no space left on the device"
+  assert integrity.describe_fault(ValueError("RESOURCE_EXHAUSTED: writing x"))[0] == "no space left on the device"
+  assert integrity.describe_fault(PermissionError(13, "Permission denied"))[0] == "permission denied"
+  what, _, transient = integrity.describe_fault(ValueError("UNAVAILABLE: 503 backend"))
+  assert what == "the storage is unavailable" and transient
+
+
+def test_verify_reports_ok_corrupt_unverified_and_moved_aside(tmp_path, capsys):
+  _save(tmp_path, [1, 2, 3, 4])
+  ckpt = tmp_path / "checkpoints"
+  os.remove(ckpt / "1" / integrity.CHECKSUMS_FILE)            # saved before checksums existed
+  victim = _array_files(ckpt / "3")[0]
+  size = os.path.getsize(victim)
+  _truncate(victim)
+  shutil.copytree(ckpt / "2", ckpt / "2.corrupt")
+  rows = {r["name"]: r for r in verify.check_workdir(str(tmp_path))}
+  assert rows["1"]["status"].startswith("unverified") and rows["1"]["restores"] is True
+  assert rows["2"]["status"].startswith("ok (") and rows["2"]["restores"] is True
+  assert rows["3"]["status"] == f"corrupt: {os.path.relpath(victim, ckpt / '3')}: 100 bytes, {size} bytes when saved " \
+                                "(truncated or overwritten)"
+  assert rows["3"]["restores"] is False and rows["3"]["error"]
+  assert rows["2.corrupt"]["status"].startswith("moved aside") and rows["2.corrupt"]["restores"] is None
+  assert rows["4"]["ok"] and all(r["size"] > 0 for r in rows.values())
+  assert verify.main(["verify", str(tmp_path)]) == 0   # the newest step, 4, is good
+  out = capsys.readouterr().out
+  assert "corrupt: state/ocdbt.process_0/d/" in out and "newest good step: 4" in out
+  _flip_byte(_array_files(ckpt / "4")[0])
+  assert verify.main(["verify", str(tmp_path)]) == 1
+  assert "newest good step: 2" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------- slow: python train.py
+
+LOSSES = ("loss/total", "loss/nll", "loss/kl", "disc/loss", "disc/logits_real")
+ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONPATH": ROOT}
+
+
+def _train_cmd(workdir, steps):
+  """`python train.py` on the tiny config of tests/multihost_config.py (checkpoints every 2 steps, synchronous), 1
+  CPU device."""
+  return [sys.executable, "train.py", "--config", f"{CONFIG}:{steps}", "--workdir", str(workdir),
+          "--config.mesh.data=1"]
+
+
+def _train(workdir, steps=4):
+  run = subprocess.run(_train_cmd(workdir, steps), cwd=ROOT, env={**os.environ, **ONE_DEVICE}, capture_output=True,
+                       text=True, timeout=600, check=False)
+  print(run.stderr[-3000:])  # shown on failure
+  return run.returncode, run.stderr.splitlines()
+
+
+def _history(workdir):
+  return json.loads((epath.Path(workdir) / records.HISTORY_JSON).read_text())
+
+
+def _losses(history):
+  return {k: v for k, v in history.items() if k in LOSSES}
+
+
+def _fallback_case(workdir):
+  """Trains 4 steps, truncates the largest array file of step 4, runs the same command again."""
+  rc, _ = _train(workdir)
+  assert rc == 0
+  before = _history(workdir)
+  step4 = epath.Path(workdir) / "checkpoints" / "4"
+  victim = _array_files(step4)[0]
+  rel = os.path.relpath(victim, os.fspath(step4))
+  _truncate(victim, 1000)
+  rc, lines = _train(workdir)
+  assert rc == 0
+  assert any("skipped checkpoint step 4" in line and rel in line and "moved it aside" in line for line in lines)
+  assert any("resumed from" in line and "at step 2" in line for line in lines)
+  after = _history(workdir)
+  # Steps 3 and 4 ran again from step 2: the losses of the uninterrupted run, bit for bit, each step once.
+  assert _losses(after) == _losses(before) and [s for s, _ in after["loss/total"]] == [1, 3]
+  (event,) = after[records.CHECKPOINT_FALLBACK]
+  assert event[0] == 2 and [(e["step"], e["moved_to"]) for e in event[1]] == [(4, "4.corrupt")]
+  assert rel in event[1][0]["error"] and "1000 bytes" in event[1][0]["error"]
+  names = sorted(p.name for p in (epath.Path(workdir) / "checkpoints").iterdir())
+  assert names == ["2", "4", "4.corrupt"]
+  rows = {r["name"]: r for r in verify.check_workdir(str(workdir))}
+  assert rows["4"]["ok"] and rows["4"]["restores"] and rows["2"]["ok"]
+  assert rows["4.corrupt"]["status"].startswith("moved aside")
+  assert integrity.verify_step(epath.Path(workdir) / "checkpoints" / "4") is not None
+  with pytest.raises(integrity.CheckpointIntegrityError, match=rel):
+    integrity.verify_step(epath.Path(workdir) / "checkpoints" / "4.corrupt")
+
+
+@pytest.mark.slow
+def test_train_py_falls_back_past_a_truncated_latest_step(tmp_path):
+  _fallback_case(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_train_py_on_gcs_falls_back_past_a_truncated_latest_step(gcs_server):
+  _fallback_case(gcs_server.bucket("faults") + "/run")
+  assert "run/checkpoints/4.corrupt/commit_success.txt" in gcs_server.objects("faults", "run/")
+
+
+def _can_unshare() -> str | None:
+  """None when `unshare -rm` can mount a tmpfs here, else why not."""
+  if shutil.which("unshare") is None:
+    return "no unshare command on this machine"
+  probe = subprocess.run(["unshare", "-rm", "sh", "-c", "d=$(mktemp -d) && mount -t tmpfs -o size=1m tmpfs $d"],
+                         capture_output=True, text=True, check=False)
+  return None if probe.returncode == 0 else f"unshare -rm cannot mount a tmpfs here: {probe.stderr.strip()}"
+
+
+@pytest.mark.slow
+def test_train_py_on_a_full_disk_stops_with_one_line_and_resumes_after_space_is_freed(tmp_path):
+  why = _can_unshare()
+  if why:
+    pytest.skip(why)
+  mnt, out = tmp_path / "mnt", tmp_path / "out"
+  mnt.mkdir()
+  out.mkdir()
+  run = " ".join(_train_cmd(mnt / "run", 4))
+  # 36 MB with 16 MB taken: step 2 (about 11 MB) fits, step 4 (about 15 MB more) does not; then the 16 MB are freed.
+  script = f"""
+    mount -t tmpfs -o size=36m tmpfs {mnt} || exit 90
+    head -c 16000000 /dev/zero > {mnt}/filler
+    {run} > {out}/full.log 2>&1; echo $? > {out}/full.rc
+    cp -r {mnt}/run {out}/after_full
+    rm {mnt}/filler
+    {run} > {out}/freed.log 2>&1; echo $? > {out}/freed.rc
+    cp -r {mnt}/run {out}/after_freed
+  """
+  subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, env={**os.environ, **ONE_DEVICE}, timeout=900,
+                 check=True)
+  full = (out / "full.log").read_text().splitlines()
+  print("\n".join(full[-40:]))
+  assert (out / "full.rc").read_text().strip() == "1"
+  errors = [line for line in full if line.startswith("error: ")]
+  assert len(errors) == 1, errors
+  assert errors[0].startswith("error: saving checkpoint step 4 failed: no space left on the device")
+  assert "the last good checkpoint is step 2 in" in errors[0] and "run the same command again" in errors[0]
+  assert sum(line.startswith("Traceback") for line in full) <= 1
+  assert not any("Event loop is closed" in line for line in full)
+  rows = {r["name"]: r for r in verify.check_workdir(str(out / "after_full"))}
+  assert rows["2"]["ok"] and rows["2"]["restores"] and "4" not in rows
+  freed = (out / "freed.log").read_text().splitlines()
+  assert (out / "freed.rc").read_text().strip() == "0", "\n".join(freed[-40:])
+  assert any("resumed from" in line and "at step 2" in line for line in freed)
+  assert sorted(os.listdir(out / "after_freed" / "checkpoints")) == ["2", "4"]
+  assert [s for s, _ in _history(out / "after_freed")["loss/total"]] == [1, 3]
