@@ -27,7 +27,8 @@ from cvvae_jax.models.vae3d import CVVAE
 MODEL_CLASSES = {"CVVAE": CVVAE, "ImageVAE": ImageVAE}
 KINDS = {"cvvae": CVVAE, "image_vae": ImageVAE}  # config.model.kind
 # Run-time choices, not architecture: never stored in a spec, settable as overrides.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "precision", "remat", "conv_impl", "upsample_impl", "parent", "name")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "precision", "remat", "conv_impl", "upsample_impl", "activation_sharding",
+                  "parent", "name")
 # Compute dtypes by name (params stay float32).
 DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 

@@ -1,0 +1,147 @@
+"""The spatial mesh axis (`mesh.spatial`): one clip's height split over K devices gives the losses, gradients and
+updates of the unsplit step, alone and with `fsdp` / `data`, and the activations really are split (8 fake CPU
+devices, tests/conftest.py)."""
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from cvvae_jax.train import build, sharding
+from cvvae_jax.train import step as step_lib
+from cvvae_jax.train.state import init_state
+from tests import helpers
+from tests.train.test_train import image_vae_dir, tiny_config  # noqa: F401  (a fixture)
+
+SIZE = (32, 16)  # H, W: 4 levels (8x down) on spatial=4 need H % 32 == 0; level 0 has 8 rows per device
+LOSSES = ("loss/total", "loss/nll", "loss/kl", "loss/reg_decoder")
+
+
+def _need_8_devices():
+  if jax.device_count() != 8:
+    pytest.skip(f"needs 8 devices (tests/conftest.py sets XLA_FLAGS), got {jax.device_count()}")
+
+
+def _config(image_vae_dir):  # noqa: F811
+  c = tiny_config(image_vae_dir)
+  with c.unlocked():
+    c.loss.disc_start = 0  # the GAN term and its adaptive weight (a second backward pass) are on from step 0
+    c.data.streams.video.size = SIZE
+  return c
+
+
+class Run:
+  """Steps of the tiny config on one mesh, from the same initial state and batches as every other mesh."""
+
+  def __init__(self, image_vae_dir, mesh_cfg, devices):  # noqa: F811
+    config = _config(image_vae_dir)
+    self.mesh = sharding.make_mesh(mesh_cfg, devices=jax.devices()[:devices])
+    image_vae, frozen = build.load_frozen(config, "cvvae")
+    self.models = build.build_models(config, image_vae, sharding.activation_sharding(self.mesh))
+    abstract = jax.eval_shape(functools.partial(init_state, self.models), jax.random.PRNGKey(0))
+    self.state_sh = sharding.state_shardings(abstract, self.mesh)
+    frozen_sh = sharding.param_shardings(jax.eval_shape(lambda: frozen), self.mesh)
+    self.frozen = jax.device_put(frozen, frozen_sh)
+    self.step_fn = step_lib.TrainStep(self.models, self.mesh, self.state_sh, frozen_sh)
+    self.state = jax.jit(functools.partial(init_state, self.models), out_shardings=self.state_sh)(
+        jax.random.PRNGKey(0))
+
+  def steps(self, batches):
+    """Metrics of each step (G, D, G, ...: the loop's alternation) and the final state."""
+    out = []
+    for i, batch in enumerate(batches):
+      self.state, metrics, _ = self.step_fn(self.state, sharding.shard_host_batch(batch, self.mesh),
+                                            jax.random.PRNGKey(0), self.frozen, i)
+      out.append(jax.device_get(metrics))
+    return out, jax.device_get(self.state)
+
+
+def _batches(n, b=4):
+  return [{"video": helpers.tiny_input((b, 5, *SIZE, 3), seed=10 + i)} for i in range(n)]
+
+
+def _assert_close_to_scale(got, want, rtol):
+  """max |got - want| over a tree <= rtol * max |want| (some gradients are zero up to float noise)."""
+  diff = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+             for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)))
+  scale = max(float(np.max(np.abs(np.asarray(b)))) for b in jax.tree_util.tree_leaves(want))
+  assert diff <= rtol * scale, (diff, scale)
+
+
+@pytest.fixture(scope="module")
+def reference(image_vae_dir):  # noqa: F811
+  _need_8_devices()
+  return Run(image_vae_dir, {"data": 1, "fsdp": 1}, 1).steps(_batches(3))
+
+
+@pytest.mark.parametrize("mesh_cfg", [{"data": 1, "fsdp": 1, "spatial": 4}, {"data": 1, "fsdp": 2, "spatial": 4}],
+                         ids=["spatial4", "fsdp2_spatial4"])
+def test_spatial_split_matches_the_unsplit_step(image_vae_dir, reference, mesh_cfg):  # noqa: F811
+  devices = mesh_cfg["fsdp"] * mesh_cfg["spatial"]
+  run = Run(image_vae_dir, mesh_cfg, devices)
+  metrics, state = run.steps(_batches(3))
+  ref_metrics, ref_state = reference
+  for step, (got, want) in enumerate(zip(metrics, ref_metrics)):
+    for key in [k for k in LOSSES + ("loss/disc", "grad_norm/generator", "grad_norm/discriminator") if k in want]:
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=f"step {step} {key}")
+  # Three steps of updates (G, D, G; the warm-up lr is > 0 from step 1): params and Adam moments agree.
+  _assert_close_to_scale(state.params, ref_state.params, 1e-5)
+  _assert_close_to_scale(state.disc_params, ref_state.disc_params, 1e-5)
+  _assert_close_to_scale(state.opt_state[1][0].mu, ref_state.opt_state[1][0].mu, 1e-4)
+
+
+def _full_height_arrays(hlo: str) -> list[str]:
+  """Array shapes in a compiled (per-device) HLO module with a full-height level-0 activation `[..., 32, 16, C]`."""
+  return sorted(set(re.findall(rf"\[[\d,]*\b{SIZE[0]},{SIZE[1]},\d+\]", hlo)))
+
+
+def test_activations_and_batch_are_split_over_the_spatial_axis(image_vae_dir):  # noqa: F811
+  _need_8_devices()
+  batch = _batches(1)[0]
+  programs = {}
+  for spatial in (1, 4):
+    run = Run(image_vae_dir, {"data": 1, "fsdp": 1, "spatial": spatial}, spatial)
+    x = sharding.shard_host_batch(batch, run.mesh)
+    if spatial == 4:
+      assert x["video"].sharding.spec == P(("data", "fsdp"), None, "spatial")
+      assert {s.data.shape for s in x["video"].addressable_shards} == {(4, 5, SIZE[0] // 4, SIZE[1], 3)}
+      assert run.models.vae.activation_sharding.spatial_size == 4
+    else:
+      assert run.models.vae.activation_sharding is None  # spatial=1: the program without constraints
+    fn = run.step_fn._fns[step_lib.Update.GENERATOR]  # pylint: disable=protected-access
+    programs[spatial] = fn.lower(run.state, x, jax.random.PRNGKey(0), run.frozen).compile().as_text()
+  assert _full_height_arrays(programs[1])  # the check finds full-height activations where there are some
+  assert not _full_height_arrays(programs[4]), _full_height_arrays(programs[4])[:5]
+  assert re.search(r"all-reduce", programs[4])  # GroupNorm statistics (and gradients) summed over the axis
+
+
+def test_spatial_sizes_are_checked_per_level():
+  _need_8_devices()
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "spatial": 4})
+  sharding.check_spatial_size((64, 48), mesh, 4, "config.data.streams.video.size")
+  with pytest.raises(ValueError, match=r"config.data.streams.video.size: height 48 does not split over "
+                                       r"mesh.spatial=4 at level 3 \(height 6\); expected a multiple of "
+                                       r"mesh.spatial \* 2\^3 = 32"):
+    sharding.check_spatial_size((48, 64), mesh, 4, "config.data.streams.video.size")
+  with pytest.raises(ValueError, match="height 30 is not divisible by mesh.spatial=4"):
+    sharding.shard_host_batch({"video": np.zeros((2, 1, 30, 8, 3), np.float32)}, mesh)
+  with pytest.raises(ValueError, match=r"mesh.data \* mesh.fsdp \* mesh.spatial = 16 but 8 devices"):
+    sharding.make_mesh({"data": 4, "fsdp": 1, "spatial": 4})
+
+
+def test_mesh_defaults_and_batch_specs():
+  _need_8_devices()
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1})  # configs from before the spatial axis: spatial = 1
+  assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "spatial": 1}
+  assert sharding.activation_sharding(mesh) is None
+  assert sharding.make_mesh({"data": 2, "fsdp": 1, "spatial": -1}).shape["spatial"] == 4
+  assert sharding.batch_spec(5) == P(("data", "fsdp"), None, "spatial")
+  assert sharding.batch_spec(4) == P(("data", "fsdp"), "spatial")
+  assert sharding.data_groups(mesh) == (0, 1)
+  images = sharding.shard_host_batch({"x": np.zeros((8, 32, 8, 3), np.float32)},
+                                     sharding.make_mesh({"data": 2, "fsdp": 1, "spatial": 4}))["x"]
+  assert {s.data.shape for s in images.addressable_shards} == {(4, 8, 8, 3)}
+  assert jnp.array_equal(images, jnp.zeros((8, 32, 8, 3)))
