@@ -217,8 +217,12 @@ def batch_spec(ndim: int) -> P:
   return P(BATCH_AXES)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 5) -> NamedSharding:
-  """The batch split over `("data", "fsdp")` and the height of videos / images over `"spatial"` (`batch_spec`)."""
+def batch_sharding(mesh: Mesh, ndim: int | None = None) -> NamedSharding:
+  """An array of rank `ndim` split as `batch_spec` says (videos / images: batch and height); None: the leading
+  (batch) dimension split over `("data", "fsdp")`, every other dimension whole, for any rank. Without a spatial split
+  (`mesh.spatial == 1`) always the latter: the sharding of the trainer before the spatial axis existed."""
+  if ndim is None or mesh.shape.get(SPATIAL_AXIS, 1) == 1:
+    return NamedSharding(mesh, P(BATCH_AXES))
   return NamedSharding(mesh, batch_spec(ndim))
 
 
