@@ -3,7 +3,10 @@ updates of the unsplit step, alone and with `fsdp`, and the activations really a
 tests/conftest.py). The convolutions are the accelerator path (`conv_impl="xla"`), whose programs XLA:CPU
 partitions and compiles fastest; the partitioned programs still take minutes to compile here (marked slow)."""
 import functools
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -160,3 +163,17 @@ def test_mesh_defaults_and_batch_specs():
                                      sharding.make_mesh({"data": 2, "fsdp": 1, "spatial": 4}))["x"]
   assert {s.data.shape for s in images.addressable_shards} == {(4, 8, 8, 3)}
   assert jnp.array_equal(images, jnp.zeros((8, 32, 8, 3)))
+
+
+@pytest.mark.slow
+def test_two_processes_share_clips_of_a_spatial_group():
+  """2 processes x 2 CPU devices: with spatial=4 both processes hold rows of the same clips and load the same ones
+  (`data_groups`); with data=2 x spatial=2 each process loads its own; the global batch is the same either way."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  out = subprocess.run([sys.executable, os.path.join(root, "scripts", "launch_local.py"), "-n", "2", "-d", "2", "--",
+                        os.path.join(root, "tests", "train", "spatial_hosts_worker.py")],
+                       cwd=root, env=dict(os.environ, PYTHONPATH=root), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  for p in (0, 1):
+    assert f"[p{p}] OK {{'data': 1, 'fsdp': 1, 'spatial': 4}}" in out.stdout, out.stdout[-3000:]
+    assert f"[p{p}] OK {{'data': 2, 'fsdp': 1, 'spatial': 2}}" in out.stdout, out.stdout[-3000:]
