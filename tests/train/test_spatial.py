@@ -130,7 +130,9 @@ def test_vae_gradients_match_and_activations_are_split():
   (loss1, grads1), hlo1 = out[1]
   (loss4, grads4), hlo4 = out[4]
   np.testing.assert_allclose(loss4, loss1, rtol=1e-5)
-  _assert_close_to_scale(grads4, grads1, 1e-5)
+  # Kernel gradients sum over every pixel, in another order when the rows are split: measured 5.7e-5 of the largest
+  # gradient (3.6e-6 / 0.063) in float32.
+  _assert_close_to_scale(grads4, grads1, 1e-4)
   assert max(_conv_output_heights(hlo1)) == SIZE[0]  # full-resolution convolutions, unsplit
   assert max(_conv_output_heights(hlo4)) == SIZE[0] // 4, sorted(_conv_output_heights(hlo4))
   assert "all-reduce" in hlo4 and "all-reduce" not in hlo1
