@@ -35,9 +35,10 @@ def measure(size, channels, spatial, dtype, gather) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   gib = lambda n: round(n / 2**30, 3)
-  return dict(gather_attention=gather, size=list(size), spatial=spatial, compile_s=round(time.perf_counter() - t, 1),
-              temp_gib=gib(m.temp_size_in_bytes), argument_gib=gib(m.argument_size_in_bytes),
-              tflop_per_device=round(float(cost.get("flops", 0.0)) / 1e12, 4))
+  return {"gather_attention": gather, "size": list(size), "spatial": spatial,
+          "compile_s": round(time.perf_counter() - t, 1), "temp_gib": gib(m.temp_size_in_bytes),
+          "argument_gib": gib(m.argument_size_in_bytes),
+          "tflop_per_device": round(float(cost.get("flops", 0.0)) / 1e12, 4)}
 
 
 def main():
