@@ -15,9 +15,10 @@ full: the paper's run, `configs/cvvae.py:sd21,full` (SD2.1 CV-VAE 128-256-512-51
   policy with the least memory, `models/remat.py`), `_rematblocks` "blocks", `_rematconvs` "full_save_convs";
   `_nolpips` / `_noreg` switch LPIPS / the image-decoder regularizer off (what they hold); `--fsdp K`
   compiles on K fake CPU devices with the parameters and optimizer state split over them (`config.mesh.fsdp=K`).
-  `img_` cases: the image stream (8 images of 320x320 per device, the released recipe). `_sp<K>`: one clip on K
-  devices, its height split over them (input sharded `P(None, None, "fsdp")`, XLA partitions the convolutions
-  spatially with halo exchanges; parameters split over the same K devices): memory of activation sharding.
+  `img_` cases: the image stream (8 images of 320x320 per device, the released recipe). `_sp<K>`: the trainer's
+  spatial axis, `config.mesh.spatial=K`: one clip on K devices (times `--fsdp`), its height split over them (the
+  batch `P(("data", "fsdp"), None, "spatial")`, the models' activation constraints of `train/sharding.py`; XLA
+  partitions the convolutions with halo exchanges; parameters split over `fsdp` only, replicated over `spatial`).
 demo: `configs/cvvae.py:sd21,demo` on this CPU, one device, random weights (the demo image VAE architecture as the
   regularizer, the packaged LPIPS): compile time, median step time of `--demo_repeats` calls after one warm-up,
   FLOPs and GFLOP/s of each of the four programs the demo runs (generator/discriminator x clip/image batch).
@@ -100,7 +101,6 @@ def worker_full(case_name: str, fsdp: int, compile_: bool) -> dict:
   """One full-config case in this process (XLA_FLAGS set by the parent for the devices it needs)."""
   import jax
   import jax.numpy as jnp
-  from jax.sharding import NamedSharding, PartitionSpec as P
 
   from configs import cvvae as cvvae_config
   from cvvae_jax.models import lpips, remat as remat_lib
@@ -120,34 +120,26 @@ def worker_full(case_name: str, fsdp: int, compile_: bool) -> dict:
     config.train.conv_impl, config.train.upsample_impl = "xla", "subpixel"
     for weight in case["off"]:
       config.loss[weight] = 0.0
-    config.mesh.data, config.mesh.fsdp = 1, devices
+    config.mesh.data, config.mesh.fsdp, config.mesh.spatial = 1, fsdp, sp
   image_vae = ImageVAE()  # SD2.1's image VAE (diffusers AutoencoderKL config), the frozen regularizer
-  models = build.build_models(config, image_vae)
   if len(jax.devices()) < devices:
     raise ValueError(f"{case_name}: needs {devices} devices, {jax.devices()[0].platform} has {len(jax.devices())}")
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:devices])
+  models = build.build_models(config, image_vae, sharding.activation_sharding(mesh))
   frozen = {"lpips": lpips.lpips_param_shapes(),
             "image_vae": jax.eval_shape(image_vae.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"]}
   abstract = jax.eval_shape(functools.partial(init_state, models), jax.random.PRNGKey(0))
   state_sh = sharding.state_shardings(abstract, mesh)
   frozen_sh = sharding.param_shardings(frozen, mesh)
   update = step_lib.Update(case["update"])
-  per_device = (IMAGES[0], 1, *IMAGES[1:]) if case["image"] else (1, *CLIP)
-  if sp != 1 and fsdp != 1:
-    raise ValueError(f"{case_name}: spatial cases put one clip on their {sp} devices; expected --fsdp 1")
-  if sp != 1:
-    per_device = (1, CLIP[0], CLIP[1] // sp, CLIP[2])
-  global_batch = (1, *CLIP) if sp != 1 else (per_device[0] * devices, *per_device[1:])
+  per_device = (IMAGES[0], 1, *IMAGES[1:]) if case["image"] else (1, CLIP[0], CLIP[1] // sp, CLIP[2])
+  sharding.check_spatial_size(CLIP[1:], mesh, len(config.model.block_out_channels), f"{case_name}: the clip")
+  # One clip (or image batch) per `fsdp` device, each on `sp` devices.
+  global_batch = (per_device[0] * fsdp, per_device[1], per_device[2] * sp, per_device[3])
   batch = {"video": jax.ShapeDtypeStruct((*global_batch, 3), jnp.float32)}
 
-  def program(models):
-    if sp == 1:  # the trainer's program: the batch split over the devices
-      return step_lib.TrainStep(models, mesh, state_sh, frozen_sh)._fns[update]  # pylint: disable=protected-access
-    # One clip on `sp` devices, its height split over them (XLA partitions the convolutions spatially).
-    replicated = NamedSharding(mesh, P())
-    return jax.jit(functools.partial(step_lib.train_step, models=models, update=update),
-                   in_shardings=(state_sh, {"video": NamedSharding(mesh, P(None, None, "fsdp"))}, replicated,
-                                 frozen_sh), out_shardings=(state_sh, replicated), donate_argnums=(0,))
+  def program(models):  # the trainer's program
+    return step_lib.TrainStep(models, mesh, state_sh, frozen_sh)._fns[update]  # pylint: disable=protected-access
 
   fn = program(models)
 

@@ -18,11 +18,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cvvae_jax.models import layers, remat as remat_lib
+from cvvae_jax.models import layers, partitioning, remat as remat_lib
 from cvvae_jax.models.distributions import DiagonalGaussian
 
 Array = jax.Array
 Remat = bool | str  # a policy of `remat.py` ("none", "blocks", "full", "full_save_convs"; True / False: blocks / none)
+Sharding = partitioning.ActivationSharding | None  # where activations live on the mesh (None: no constraint)
 
 
 class Level(nn.Module):
@@ -38,20 +39,23 @@ class Level(nn.Module):
   remat: Remat
   block_kw: dict
   upsample_impl: str = "auto"
+  activation_sharding: Sharding = None
 
   @nn.compact
   def __call__(self, h: Array) -> Array:
+    constrain = lambda a: partitioning.constrain(a, self.activation_sharding)
     res_cls = remat_lib.module(layers.ResBlock, self.remat, "res")
     for j in range(self.num_blocks):
-      h = res_cls(self.channels, name=f"res_{j}", **self.block_kw)(h)
+      h = constrain(res_cls(self.channels, name=f"res_{j}", **self.block_kw)(h))
     if self.resample is None:
       return h
     kw = {k: self.block_kw[k] for k in ("dtype", "param_dtype", "precision", "conv_impl")}
     if self.direction == "down":
       down_cls = remat_lib.module(layers.Downsample, self.remat, "resample")
-      return down_cls(self.block_kw["style"], self.resample, name="downsample", **kw)(h)
+      return constrain(down_cls(self.block_kw["style"], self.resample, name="downsample", **kw)(h))
     up_cls = remat_lib.module(layers.Upsample, self.remat, "resample")
-    return up_cls(self.block_kw["style"], self.resample, upsample_impl=self.upsample_impl, name="upsample", **kw)(h)
+    return constrain(up_cls(self.block_kw["style"], self.resample, upsample_impl=self.upsample_impl, name="upsample",
+                            **kw)(h))
 
 
 class MidBlock(nn.Module):
@@ -60,16 +64,22 @@ class MidBlock(nn.Module):
   temporal_attention: bool
   remat: Remat
   block_kw: dict
+  activation_sharding: Sharding = None
 
   @nn.compact
   def __call__(self, h: Array) -> Array:
+    sharding = self.activation_sharding
     res_cls = remat_lib.module(layers.ResBlock, self.remat, "res")
     kw = self.block_kw
-    h = res_cls(h.shape[-1], name="res_0", **kw)(h)
+    h = partitioning.constrain(res_cls(h.shape[-1], name="res_0", **kw)(h), sharding)
+    # Attention over every latent pixel of a frame: left height-split, or gathered first (`partitioning.py`).
+    gather = sharding is not None and sharding.gather_attention
+    h = partitioning.constrain(h, sharding, split_height=not gather)
     attention_cls = remat_lib.module(layers.MidAttention, self.remat, "attention")
     h = attention_cls(self.temporal_attention, kw["num_groups"], kw["epsilon"], kw["dtype"], kw["param_dtype"],
                       name="attn")(h)
-    return res_cls(h.shape[-1], name="res_1", **kw)(h)
+    h = partitioning.constrain(h, sharding)
+    return partitioning.constrain(res_cls(h.shape[-1], name="res_1", **kw)(h), sharding)
 
 
 def _shared(default=dataclasses.MISSING):
@@ -86,6 +96,8 @@ class Tower(nn.Module):
     style: padding/dimensionality, see `layers.ConvStyle`.
     half_3d: "2D+3D" res blocks (conv2 per frame) rather than all-3D.
     conv_impl, upsample_impl: how convolutions and upsampling convolutions are computed (`conv_impl.py`).
+    activation_sharding: the mesh axes of the batch and height of every level's activations
+      (`partitioning.ActivationSharding`; None: no constraint).
   """
 
   block_out_channels: tuple[int, ...] = _shared()
@@ -100,6 +112,10 @@ class Tower(nn.Module):
   remat: Remat = _shared("none")
   conv_impl: str = _shared("auto")
   upsample_impl: str = _shared("auto")
+  activation_sharding: Sharding = _shared(None)
+
+  def _constrain(self, h: Array) -> Array:
+    return partitioning.constrain(h, self.activation_sharding)
 
   def _conv_kw(self) -> dict:
     """conv_in / conv_out: the main kernel (3x3x3 or 3x3) with the style's 'same' padding."""
@@ -137,12 +153,15 @@ class Encoder(Tower):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     block_kw = self._block_kw()
-    h = layers.Conv(self.block_out_channels[0], name="conv_in", **self._conv_kw())(x.astype(self.dtype))
+    sharding = self.activation_sharding
+    x = self._constrain(x.astype(self.dtype))
+    h = self._constrain(layers.Conv(self.block_out_channels[0], name="conv_in", **self._conv_kw())(x))
     for i, channels in enumerate(self.block_out_channels):
       resample = self._resample(i, self.temporal_downsample)
-      h = Level(channels, self.layers_per_block, "down", resample, self.remat, block_kw, name=f"down_{i}")(h)
-    h = self._norm_out(MidBlock(False, self.remat, block_kw, name="mid")(h))
-    h = layers.Conv(2 * self.latent_channels, name="conv_out", **self._conv_kw())(h)
+      h = Level(channels, self.layers_per_block, "down", resample, self.remat, block_kw,
+                activation_sharding=sharding, name=f"down_{i}")(h)
+    h = self._constrain(self._norm_out(MidBlock(False, self.remat, block_kw, sharding, name="mid")(h)))
+    h = self._constrain(layers.Conv(2 * self.latent_channels, name="conv_out", **self._conv_kw())(h))
     return h.astype(jnp.float32)
 
 
@@ -163,15 +182,17 @@ class Decoder(Tower):
   def __call__(self, z: Array) -> Array:
     block_kw = self._block_kw()
     channels = tuple(reversed(self.block_out_channels))
-    h = layers.Conv(channels[0], name="conv_in", **self._conv_kw())(z.astype(self.dtype))
-    h = MidBlock(self.temporal_attention and self.style.video, self.remat, block_kw, name="mid")(h)
+    sharding = self.activation_sharding
+    h = self._constrain(layers.Conv(channels[0], name="conv_in", **self._conv_kw())(
+        self._constrain(z.astype(self.dtype))))
+    h = MidBlock(self.temporal_attention and self.style.video, self.remat, block_kw, sharding, name="mid")(h)
     for i, c in enumerate(channels):
       h = Level(c, self.layers_per_block, "up", self._resample(i, self.temporal_upsample), self.remat, block_kw,
-                self.upsample_impl, name=f"up_{i}")(h)
-    h = self._norm_out(h)
+                self.upsample_impl, sharding, name=f"up_{i}")(h)
+    h = self._constrain(self._norm_out(h))
     # The input of the last layer, for the adaptive GAN weight (gradients at conv_out's kernel).
     self.sow("intermediates", "conv_out_input", h)
-    h = layers.Conv(self.out_channels, name="conv_out", **self._conv_kw())(h)
+    h = self._constrain(layers.Conv(self.out_channels, name="conv_out", **self._conv_kw())(h))
     return h.astype(jnp.float32)
 
 
@@ -186,6 +207,8 @@ class Autoencoder(nn.Module):
     remat: the rematerialization policy (`remat.py`): "none", "blocks" (per res block), "full", "full_save_convs".
     conv_impl: the convolution algorithm, `conv_impl.ConvImpl` by name ("auto": `xla` on TPU/GPU, the CPU forms on
       CPU); upsample_impl: the upsampling convolution's, `UpsampleImpl` ("auto": `subpixel` on CPU, else `xla`).
+    activation_sharding: where activations live on a mesh (`partitioning.ActivationSharding`: batch and height
+      split; the trainer's `mesh.spatial`), None: no constraint.
   """
 
   scaling_factor: float = _shared(0.18215)
@@ -196,6 +219,7 @@ class Autoencoder(nn.Module):
   remat: Remat = _shared("none")
   conv_impl: str = _shared("auto")
   upsample_impl: str = _shared("auto")
+  activation_sharding: Sharding = _shared(None)
 
   @property
   def spatial_compression(self) -> int:

@@ -27,7 +27,8 @@ from cvvae_jax.models.vae3d import CVVAE
 MODEL_CLASSES = {"CVVAE": CVVAE, "ImageVAE": ImageVAE}
 KINDS = {"cvvae": CVVAE, "image_vae": ImageVAE}  # config.model.kind
 # Run-time choices, not architecture: never stored in a spec, settable as overrides.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "precision", "remat", "conv_impl", "upsample_impl", "parent", "name")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "precision", "remat", "conv_impl", "upsample_impl", "activation_sharding",
+                  "parent", "name")
 # Fields of a spec that change no parameter: how the original code tiles the model (inference settings).
 TILING_FIELDS = ("original_tile_size", "original_tile_overlap", "original_round_frames")
 # Compute dtypes by name (params stay float32).

@@ -48,7 +48,7 @@ class ImageVAE(Autoencoder):
     common = dict(block_out_channels=tuple(self.block_out_channels), style=style, num_groups=self.num_groups,
                   epsilon=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                   precision=self.precision, remat=self.remat, conv_impl=self.conv_impl,
-                  upsample_impl=self.upsample_impl)
+                  upsample_impl=self.upsample_impl, activation_sharding=self.activation_sharding)
     self.encoder = Encoder(layers_per_block=self.layers_per_block, latent_channels=self.latent_channels, **common)
     self.decoder = Decoder(layers_per_block=self.layers_per_block + 1, out_channels=self.out_channels, **common)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, conv_impl=self.conv_impl)

@@ -11,6 +11,7 @@ from absl import logging
 
 from cvvae_jax.models import lpips, registry, remat as remat_lib
 from cvvae_jax.models.discriminator import PatchDiscriminator3D
+from cvvae_jax.models.partitioning import ActivationSharding
 from cvvae_jax.models.sd_vae import ImageVAE
 from cvvae_jax.models.vae3d import CVVAE
 from cvvae_jax.train import losses, optim
@@ -41,16 +42,23 @@ class Models:
 
 
 def build_vae(model_cfg: ml_collections.ConfigDict, dtype=jnp.float32, remat: bool | str = "none",
-              conv_impl: str = "auto", upsample_impl: str = "auto") -> CVVAE | ImageVAE:
+              conv_impl: str = "auto", upsample_impl: str = "auto",
+              activation_sharding: ActivationSharding | None = None) -> CVVAE | ImageVAE:
   """`config.model` -> CVVAE or ImageVAE (`models.registry.build_model`) computing in `dtype`, its convolutions by
   `conv_impl` and `upsample_impl`, recomputing activations in the backward pass as the `remat` policy says
-  (`models/remat.py`)."""
-  return registry.build_model(model_cfg, dtype=dtype, remat=remat, conv_impl=conv_impl, upsample_impl=upsample_impl)
+  (`models/remat.py`), its activations split on the mesh as `activation_sharding` says (`models/partitioning.py`;
+  the trainer's from `sharding.activation_sharding(mesh)`)."""
+  return registry.build_model(model_cfg, dtype=dtype, remat=remat, conv_impl=conv_impl, upsample_impl=upsample_impl,
+                              activation_sharding=activation_sharding)
 
 
-def build_models(config: ml_collections.ConfigDict, image_vae: ImageVAE | None) -> Models:
+def build_models(config: ml_collections.ConfigDict, image_vae: ImageVAE | None,
+                 activation_sharding: ActivationSharding | None = None) -> Models:
+  """The run's networks; `activation_sharding` (the mesh's spatial split, `sharding.activation_sharding`) goes to
+  the trained VAE and the frozen image VAE."""
   dtype = registry.parse_dtype(config.train.compute_dtype, "config.train.compute_dtype")
-  impls = dict(conv_impl=config.train.conv_impl, upsample_impl=config.train.upsample_impl)
+  impls = dict(conv_impl=config.train.conv_impl, upsample_impl=config.train.upsample_impl,
+               activation_sharding=activation_sharding)
   try:
     remat = remat_lib.policy_name(config.train.remat)
   except ValueError as e:

@@ -61,4 +61,6 @@ def optim_section(scale: str, num_steps: int) -> ml_collections.ConfigDict:
 
 
 def mesh_section() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  """Device mesh (`train/sharding.py`): `data` x `fsdp` split the batch (fsdp also the params), `spatial` splits
+  each clip's height (1: no split; the clip height must be a multiple of spatial * the model's downsampling)."""
+  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, spatial=1))

@@ -43,11 +43,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   mesh = sharding.make_mesh(config.mesh)
   for name, stream in config.data.streams.items():
     sharding.check_batch_divisible(stream.batch_size, mesh, f"config.data.streams.{name}.batch_size")
+    sharding.check_spatial_size(stream.size, mesh, len(config.model.block_out_channels),
+                                f"config.data.streams.{name}.size")
+  data_group, data_groups = sharding.data_groups(mesh)  # processes of one spatial group load the same clips
   is_lead = jax.process_index() == 0
 
   # Models and frozen networks.
   image_vae, frozen_host = build.load_frozen(config, config.model.kind)
-  models = build.build_models(config, image_vae)
+  models = build.build_models(config, image_vae, sharding.activation_sharding(mesh))
   frozen_sh = sharding.param_shardings(jax.eval_shape(lambda: frozen_host), mesh)
   frozen = jax.device_put(frozen_host, frozen_sh)
 
@@ -81,7 +84,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       history.resume(workdir, start_step)
     if is_lead and manager.skipped:
       history.note(start_step, records.CHECKPOINT_FALLBACK, manager.skipped)
-    batches = data_lib.create_train_iterator(config.data, seed=config.data.seed, start_step=start_step)
+    batches = data_lib.create_train_iterator(config.data, seed=config.data.seed, start_step=start_step,
+                                             process_index=data_group, process_count=data_groups)
     probe = probe_lib.load_probe(config, models) if config.train.eval_every_steps > 0 else None
     probe_every = config.train.eval_every_steps
     t0, examples, picture_batch, window = time.time(), 0, None, MetricWindow()
@@ -100,7 +104,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         window.add(update, metrics)
         step += 1
         manager.check()  # an async save that failed stops the run here, at the next step
-        examples += batch["video"].shape[0] * jax.process_count()
+        examples += batch["video"].shape[0] * data_groups
         report(step)
         if step % config.train.log_every_steps == 0 or step == num_steps:
           _check_nan_streak(state, step, config, manager)

@@ -1,9 +1,15 @@
 """Device mesh, parameter/state shardings by rules, and batch sharding for the jitted trainer.
 
-The mesh has two axes (`MESH_AXES`):
+The mesh has three axes (`MESH_AXES`):
   * `data`: pure data parallelism (parameters replicated along it);
-  * `fsdp`: data parallelism whose devices also split the parameters and optimizer moments (ZeRO-3 / FSDP).
-The batch is split over both axes; parameters only over `fsdp`.
+  * `fsdp`: data parallelism whose devices also split the parameters and optimizer moments (ZeRO-3 / FSDP);
+  * `spatial`: one clip split over K devices along its height (`mesh.spatial`, default 1: no split). Activations
+    are constrained at every level boundary of the autoencoders (`activation_sharding`, a static model field
+    `models/partitioning.py` applies), XLA partitions the convolutions with halo exchanges and all-reduces
+    GroupNorm's statistics. It is the last (fastest-varying) axis: a spatial group is K consecutive devices, which
+    share a host and the fastest links (halos are exchanged at every convolution).
+The batch is split over `data` and `fsdp` (videos `[B, T, H, W, C]` as `P(("data", "fsdp"), None, "spatial")`, images
+`[B, H, W, C]` as `P(("data", "fsdp"), "spatial")`); parameters only over `fsdp` (replicated over `spatial`).
 
 Parameter shardings come from one rule table (as big_vision's `sharding.py`): a tuple of
 `(regex, policy)` pairs matched with `re.search` against the '/'-joined path of every leaf, first match
@@ -16,7 +22,7 @@ The rules work on any pytree of arrays or `jax.ShapeDtypeStruct` (from `jax.eval
 computed before anything is allocated; optimizer states match too, since their leaves' paths end with the
 parameter's path (`1/0/mu/encoder/conv_in/kernel`), and their scalars (`count`) are below the minimum size.
 
-    mesh = sharding.make_mesh(config.mesh)                           # ("data", "fsdp")
+    mesh = sharding.make_mesh(config.mesh)                           # ("data", "fsdp", "spatial")
     abstract = jax.eval_shape(init_state, rng)
     shardings = sharding.state_shardings(abstract, mesh)              # DEFAULT_RULES; or parse_rules(table)
     state = jax.jit(init_state, out_shardings=shardings)(rng)
@@ -34,9 +40,13 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp")
-BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over every device
+from cvvae_jax.models import partitioning
+
+MESH_AXES = ("data", "fsdp", "spatial")
+BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over these (the height over SPATIAL_AXIS)
 PARAM_AXIS = "fsdp"
+SPATIAL_AXIS = "spatial"
+OPTIONAL_AXES = {SPATIAL_AXIS: 1}  # mesh fields a config may leave out (configs and checkpoints from before it)
 DEFAULT_MIN_FSDP_SIZE = 2**14  # elements; smaller leaves are replicated (sharding them saves little memory)
 
 
@@ -84,10 +94,19 @@ def parse_rules(table: Sequence[Sequence[str]]) -> tuple[Rule, ...]:
 DEFAULT_RULES: tuple[Rule, ...] = parse_rules(DEFAULT_RULE_TABLE)
 
 
-def mesh_shape(cfg: Mapping[str, int] | ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
-  """Resolves `(data, fsdp)` from `config.mesh` for `num_devices`; at most one field may be -1 ("the rest")."""
+def _product_names(sizes: Mapping[str, int], axes: Sequence[str]) -> str:
+  """'mesh.data * mesh.fsdp' (the spatial axis is named only when it is used, i.e. not 1)."""
+  return " * ".join(f"mesh.{a}" for a in axes if not (a == SPATIAL_AXIS and sizes.get(a) == 1))
+
+
+def mesh_shape(cfg: Mapping[str, int] | ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+  """Resolves `(data, fsdp, spatial)` from `config.mesh` for `num_devices`; at most one field may be -1 ("the
+  rest"); `spatial` may be left out (1)."""
   sizes = {}
   for axis in MESH_AXES:
+    if axis not in cfg and axis in OPTIONAL_AXES:
+      sizes[axis] = OPTIONAL_AXES[axis]
+      continue
     if axis not in cfg:
       raise ValueError(f"expected field mesh.{axis} (an int, -1 for all remaining devices); got fields "
                        f"{sorted(cfg.keys())}")
@@ -101,13 +120,13 @@ def mesh_shape(cfg: Mapping[str, int] | ml_collections.ConfigDict, num_devices: 
   if free:
     fixed = math.prod(s for a, s in sizes.items() if a not in free)
     if num_devices % fixed:
-      others = " * ".join(f"mesh.{a}" for a in MESH_AXES if a not in free)
+      others = _product_names(sizes, [a for a in MESH_AXES if a not in free])
       raise ValueError(f"{others} = {fixed} does not divide the {num_devices} available devices "
                        f"(mesh.{free[0]}=-1 takes the rest)")
     sizes[free[0]] = num_devices // fixed
   product = math.prod(sizes.values())
   if product != num_devices:
-    names = " * ".join(f"mesh.{a}" for a in MESH_AXES)
+    names = _product_names(sizes, MESH_AXES)
     raise ValueError(f"{names} = {product} but {num_devices} devices are available "
                      f"(set one of them to -1 to use all remaining devices)")
   return tuple(sizes[a] for a in MESH_AXES)
@@ -115,7 +134,8 @@ def mesh_shape(cfg: Mapping[str, int] | ml_collections.ConfigDict, num_devices: 
 
 def make_mesh(cfg: Mapping[str, int] | ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """The global `("data", "fsdp")` mesh over `jax.devices()` (every process's devices) from `config.mesh`.
+  """The global `("data", "fsdp", "spatial")` mesh over `jax.devices()` (every process's devices) from
+  `config.mesh`.
 
   Axes are `AxisType.Auto` (shardings given to `jit` / `with_sharding_constraint`, the compiler propagates
   the rest), not `jax.make_mesh`'s default `Explicit`.
@@ -187,13 +207,75 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
 # ----------------------------------------------------------------------------------------------- data
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over `("data", "fsdp")`, every other dimension whole."""
-  return NamedSharding(mesh, P(BATCH_AXES))
+def batch_spec(ndim: int) -> P:
+  """Videos `[B, T, H, W, C]`: `P(("data", "fsdp"), None, "spatial")`; images `[B, H, W, C]`:
+  `P(("data", "fsdp"), "spatial")`; anything else `[B, ...]`: the batch dimension only."""
+  if ndim == 5:
+    return P(BATCH_AXES, None, SPATIAL_AXIS)
+  if ndim == 4:
+    return P(BATCH_AXES, SPATIAL_AXIS)
+  return P(BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh, ndim: int | None = None) -> NamedSharding:
+  """An array of rank `ndim` split as `batch_spec` says (videos / images: batch and height); None: the leading
+  (batch) dimension split over `("data", "fsdp")`, every other dimension whole, for any rank. Without a spatial split
+  (`mesh.spatial == 1`) always the latter: the sharding of the trainer before the spatial axis existed."""
+  if ndim is None or mesh.shape.get(SPATIAL_AXIS, 1) == 1:
+    return NamedSharding(mesh, P(BATCH_AXES))
+  return NamedSharding(mesh, batch_spec(ndim))
+
+
+def activation_sharding(mesh: Mesh, gather_attention: bool = False) -> partitioning.ActivationSharding | None:
+  """The models' `activation_sharding` field for `mesh`: None without a spatial split (`mesh.spatial == 1`: the
+  program is exactly the one without it), else batch over `("data", "fsdp")` and height over `"spatial"`."""
+  if mesh.shape.get(SPATIAL_AXIS, 1) == 1:
+    return None
+  return partitioning.ActivationSharding(mesh, BATCH_AXES, SPATIAL_AXIS, gather_attention=gather_attention)
+
+
+def check_spatial_size(size: Sequence[int], mesh: Mesh, num_levels: int, field_name: str) -> None:
+  """Checks that every level's height of an `(H, W)` input divides over `mesh.spatial` (level i has height
+  `H / 2^i`, `num_levels` levels): H must be a multiple of `mesh.spatial * 2^(num_levels - 1)`."""
+  k = mesh.shape.get(SPATIAL_AXIS, 1)
+  if k == 1:
+    return
+  if mesh.shape.get(PARAM_AXIS, 1) > 1:
+    # Measured wrong: with fsdp=2 x spatial=4 every loss term matches the unsplit step but the adaptive GAN weight
+    # (from the gradients at the decoder's conv_out) does not (loss/total 10 % off at step 0). Refused until found.
+    raise ValueError(f"mesh.spatial={k} with mesh.fsdp={mesh.shape[PARAM_AXIS]}: not supported yet (the adaptive GAN "
+                     "weight comes out wrong in that combination); split the batch over mesh.data instead")
+  height = int(size[0])
+  for level in range(num_levels):
+    h = height // 2**level
+    if h * 2**level != height or h % k:
+      raise ValueError(f"{field_name}: height {height} does not split over mesh.spatial={k} at level {level} (height "
+                       f"{height / 2**level:g}); expected a multiple of mesh.spatial * 2^{num_levels - 1} = "
+                       f"{k * 2**(num_levels - 1)}")
 
 
 def _batch_devices(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def data_groups(mesh: Mesh) -> tuple[int, int]:
+  """`(group, groups)`: which slice of the global batch this process loads, of how many.
+
+  Processes whose devices hold the same examples (a spatial group spanning processes: each holds some rows of the
+  same clips) form one group and load the same clips; otherwise every process is its own group
+  (`(jax.process_index(), jax.process_count())`). Raises when processes share only some of their examples.
+  """
+  coords = {}  # process -> the batch coordinates (flat (data, fsdp) index) of its devices
+  devices = mesh.devices.reshape(_batch_devices(mesh), -1)
+  for b, row in enumerate(devices):
+    for d in row:
+      coords.setdefault(d.process_index, set()).add(b)
+  groups = sorted({tuple(sorted(c)) for c in coords.values()})
+  owners = [b for g in groups for b in g]
+  if len(owners) != len(set(owners)):
+    raise ValueError(f"mesh {dict(mesh.shape)}: processes hold overlapping but different sets of examples; order "
+                     f"the devices so that each spatial group lies on whole processes")
+  return groups.index(tuple(sorted(coords[jax.process_index()]))), len(groups)
 
 
 def check_batch_divisible(global_batch: int, mesh: Mesh, field_name: str) -> int:
@@ -207,26 +289,32 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, field_name: str) -> int
   if global_batch % n:
     raise ValueError(f"{field_name}={global_batch} must be divisible by the number of devices on the batch "
                      f"axes, mesh.data * mesh.fsdp = {' * '.join(str(mesh.shape[a]) for a in BATCH_AXES)} = {n}")
-  if global_batch % jax.process_count():
+  _, groups = data_groups(mesh)
+  if global_batch % groups:
     raise ValueError(f"{field_name}={global_batch} must be divisible by the number of processes "
-                     f"{jax.process_count()}")
-  return global_batch // jax.process_count()
+                     f"{jax.process_count()}" + (f" ({groups} groups of processes loading the same clips)"
+                                                 if groups != jax.process_count() else ""))
+  return global_batch // groups
 
 
 def shard_host_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
   """This process's examples `{name: np.ndarray [B_local, ...]}` -> global `jax.Array`s `[B_global, ...]`
-  split over `("data", "fsdp")`. Each process passes its own shard (a single process: the whole batch)."""
-  sharding = batch_sharding(mesh)
-  n, procs = _batch_devices(mesh), jax.process_count()
+  split as `batch_sharding` says. Each process passes its own shard (a single process: the whole batch; processes
+  of one `data_groups` group: the same clips, whole, of which each device takes its rows)."""
+  n, (_, groups) = _batch_devices(mesh), data_groups(mesh)
 
   def put(path, x):
     x = np.asarray(x)
     if x.ndim == 0:
       raise ValueError(f"batch{jax.tree_util.keystr(path)}: expected an array with a batch dimension, got a "
                        f"scalar")
-    if (x.shape[0] * procs) % n:
-      raise ValueError(f"batch{jax.tree_util.keystr(path)}: {x.shape[0]} examples on each of {procs} "
+    if (x.shape[0] * groups) % n:
+      raise ValueError(f"batch{jax.tree_util.keystr(path)}: {x.shape[0]} examples on each of {groups} "
                        f"process(es) is not divisible by the {n} devices on the batch axes (data * fsdp)")
-    return jax.make_array_from_process_local_data(sharding, x)
+    if x.ndim in (4, 5) and x.shape[x.ndim - 3] % mesh.shape[SPATIAL_AXIS]:
+      raise ValueError(f"batch{jax.tree_util.keystr(path)}: height {x.shape[x.ndim - 3]} is not divisible by "
+                       f"mesh.spatial={mesh.shape[SPATIAL_AXIS]}")
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x,
+                                                  (x.shape[0] * groups, *x.shape[1:]))
 
   return jax.tree_util.tree_map_with_path(put, dict(local_batch))

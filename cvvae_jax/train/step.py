@@ -119,7 +119,7 @@ class TrainStep:
   def __init__(self, models: Models, mesh, state_shardings, frozen_shardings):
     self.models = models
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    batch_sh = {"video": sharding.batch_sharding(mesh)}
+    batch_sh = {"video": sharding.batch_sharding(mesh, 5)}  # [B, T, H, W, 3]: batch and height split
     self._fns = {
         update: jax.jit(functools.partial(train_step, models=models, update=update),
                         in_shardings=(state_shardings, batch_sh, replicated, frozen_shardings),

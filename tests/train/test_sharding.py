@@ -25,15 +25,15 @@ def test_make_mesh_shapes(data, fsdp, expected):
   cfg = train_config.mesh_section()
   cfg.data, cfg.fsdp = data, fsdp
   mesh = sharding.make_mesh(cfg)
-  assert mesh.axis_names == ("data", "fsdp")
-  assert tuple(mesh.shape.values()) == expected
+  assert mesh.axis_names == ("data", "fsdp", "spatial")
+  assert tuple(mesh.shape.values()) == (*expected, 1)  # mesh.spatial defaults to 1
   assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.devices())
   assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
 
 
 def test_mesh_section_defaults():
   cfg = train_config.mesh_section()
-  assert (cfg.data, cfg.fsdp) == (-1, 1)
+  assert (cfg.data, cfg.fsdp, cfg.spatial) == (-1, 1, 1)
 
 
 @pytest.mark.parametrize("data,fsdp,message", [
