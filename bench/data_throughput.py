@@ -159,7 +159,8 @@ def bench_startup(workdir: str, files: int, old_sample: int, clip_frames: int, c
   index_bytes = os.path.getsize(built.path)
   shutil.rmtree(root, ignore_errors=True)
   return {"files": files, "clip": f"{clip_frames} frames at {clip_short_side} px short side, x264 GOP 12, "
-                                  f"{len(sources)} distinct files hard-linked", "workers": workers, "old_full_decode_probe": old, "new_probe_one_process": new_one,
+                                  f"{len(sources)} distinct files hard-linked", "workers": workers,
+          "old_full_decode_probe": old, "new_probe_one_process": new_one,
           "first_run_s": first_s, "first_run_cpu_s": first_cpu,
           "first_run_ms_per_file_per_core": 1e3 * first_s * workers / files,
           "first_run_cpu_ms_per_file": 1e3 * first_cpu / files,

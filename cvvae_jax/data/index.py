@@ -11,9 +11,10 @@ It is kept at `<folder>/.cvvae_index/<kind>.jsonl` (hidden folders are never lis
 cannot be written, at `<cache_dir>/<sha1 of the folder>/<kind>.jsonl` (cache_dir default
 ~/.cache/cvvae_jax/index). Probing reads container metadata (the stream's frame count, else duration x rate) and
 confirms it by seeking to the last keyframe and reading the last GOP's packet timestamps (no decoding; see
-`folders.probe_video_file`); only streams whose timestamps are off a constant frame grid are decoded in full. Images are probed from their header (size, EXIF orientation). Damage
-that the probe does not see (a corrupt middle, an index whose size and mtime still match a changed file) is
-caught when a clip is decoded, where the pipeline skips the file and counts it.
+`folders.probe_video_file`); only streams whose timestamps are off a constant frame grid are decoded in full.
+Images are probed from their header (size, EXIF orientation). Damage that the probe does not see (a corrupt
+middle, an index whose size and mtime still match a changed file) is caught when a clip is decoded, where the
+pipeline skips the file and counts it.
 
 Work is split across hosts: with `process_count` > 1 each process probes every `process_count`-th file to
 probe, writes its share next to the index, and process 0 merges the shares and writes the index, which the
