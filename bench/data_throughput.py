@@ -86,19 +86,8 @@ def measure(config, steps: int, warmup: int) -> dict[str, float]:
 
 
 def _encode(frames: np.ndarray, path: str, *, rate=25, gop: int | None = None, preset: str = "veryfast") -> str:
-  with av.open(path, "w") as container:
-    stream = container.add_stream("libx264", rate=fractions.Fraction(rate))
-    stream.height, stream.width = frames.shape[1:3]
-    stream.pix_fmt = "yuv420p"
-    stream.options = {"crf": "23", "preset": preset}
-    if gop:
-      stream.codec_context.gop_size = gop
-    for rgb in frames:
-      for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
-        container.mux(packet)
-    for packet in stream.encode():
-      container.mux(packet)
-  return path
+  return media.write_video(path, frames, fps=fractions.Fraction(rate), options={"crf": "23", "preset": preset},
+                           gop_size=gop)
 
 
 def _clip_frames(name: str, short_side: int, limit: int | None = None) -> np.ndarray:

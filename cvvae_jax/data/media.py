@@ -378,7 +378,7 @@ def rational_rate(fps: float | fractions.Fraction) -> fractions.Fraction:
 
 
 def write_video(path: str, frames: np.ndarray, *, fps: float | fractions.Fraction = 24.0, codec: str = "libx264",
-                options: dict[str, str] | None = None, faststart: bool = False) -> str:
+                options: dict[str, str] | None = None, faststart: bool = False, gop_size: int | None = None) -> str:
   """Writes frames `[T, H, W, 3]` (float in [-1, 1], or uint8) to a video file; H and W must be even (yuv420p).
 
   Args:
@@ -388,6 +388,7 @@ def write_video(path: str, frames: np.ndarray, *, fps: float | fractions.Fractio
     codec: PyAV encoder name ("libx264", "mpeg4", "libvpx", ...).
     options: encoder options (default for libx264: {"crf": "18"}).
     faststart: put the mp4 index in front (as web videos do), so that a cut file still opens.
+    gop_size: frames between keyframes (None: the encoder's default, 250 for libx264).
   Returns:
     The path.
   """
@@ -407,6 +408,8 @@ def write_video(path: str, frames: np.ndarray, *, fps: float | fractions.Fractio
     stream.height, stream.width = frames.shape[1:3]
     stream.pix_fmt = "yuv420p"
     stream.options = dict(options)
+    if gop_size:
+      stream.codec_context.gop_size = int(gop_size)
     for frame in frames:
       for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
         container.mux(packet)

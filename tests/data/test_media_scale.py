@@ -200,3 +200,14 @@ def test_variable_frame_rate_falls_back_to_counting_frames():
   assert media._decode_seeking(data, [20, 21, 22], 24, 32, 1) is None  # pylint: disable=protected-access
   np.testing.assert_array_equal(media.decode_video_frames(data, [20, 21, 22], 24, 32), reference[20:23])
   assert folders.probe_video_file(io.BytesIO(data))["num_frames"] == media.probe_video(data).num_frames == 30
+
+
+def test_writer_places_keyframes_every_gop_size_frames(tmp_path):
+  frames = np.random.default_rng(0).integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
+
+  def keyframes(path):
+    with av.open(path) as container:
+      return sum(packet.is_keyframe for packet in container.demux(video=0) if packet.size)
+
+  assert keyframes(media.write_video(str(tmp_path / "default.mp4"), frames)) == 1  # libx264's default: 250
+  assert keyframes(media.write_video(str(tmp_path / "gop6.mp4"), frames, gop_size=6)) >= 4
