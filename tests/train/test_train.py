@@ -143,6 +143,7 @@ def _final_params(workdir):
   return params
 
 
+@pytest.mark.slow  # four short training runs (~4 min on 2 cores)
 def test_resume_gives_identical_losses_and_params(image_vae_dir, tmp_path):
   straight = loop.train_and_evaluate(tiny_config(image_vae_dir, num_steps=3), str(tmp_path / "a"))
   loop.train_and_evaluate(tiny_config(image_vae_dir, num_steps=2), str(tmp_path / "b"))
@@ -196,6 +197,7 @@ def test_probe_metrics_hand_values():
   assert set(probe.probe_metrics(video, x_hat, None)) == {"val/rec_l1", "val/psnr"}
 
 
+@pytest.mark.slow  # two short training runs with probes (~2 min on 2 cores)
 def test_probe_runs_at_start_every_n_steps_and_at_the_end(image_vae_dir, tmp_path):
   c = tiny_config(image_vae_dir, num_steps=3)
   with c.unlocked():
