@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from cvvae_jax.data import folders, images, media, sources
-from cvvae_jax.data.sampling import Crop, crop_offsets
+from cvvae_jax.data import folders, media, sources
+from cvvae_jax.data.sampling import ClipSpec, Crop, Kind, crop_offsets, sample_example
 from cvvae_jax.data.stats import DataStats
 
 EMBEDDED = "embedded"
@@ -70,11 +70,10 @@ def load_clip(record: dict[str, Any], settings: ClipSettings, j: int,
     media.BadInput: too short or unreadable.
   """
   if kind == "image":
-    image = images.open_image(record["data"])  # any mode, to RGB; EXIF orientation applied (data/images.py)
-    shape = media.resized_shape(*images.oriented_size(image), settings.resolution, min(settings.resolution))
-    y, x = crop_offsets(np.random.default_rng(0), shape, settings.resolution, Crop.CENTER)
-    h, w = settings.resolution
-    return images.load_image(image, *shape)[None, y:y + h, x:x + w], np.zeros(1, np.int64), 0.0
+    # The training pipeline's image path (any mode to RGB, EXIF orientation), its short side fixed, centred.
+    short = min(settings.resolution)
+    spec = ClipSpec(Kind.IMAGE, 1, (1, 1), tuple(settings.resolution), (short, short), Crop.CENTER)
+    return sample_example(record, spec, np.random.default_rng(0)), np.zeros(1, np.int64), 0.0
   indices = frame_indices(int(record["num_frames"]), settings, j)
   shape = media.resized_shape(int(record["height"]), int(record["width"]), settings.resolution,
                               min(settings.resolution))

@@ -195,9 +195,10 @@ class LatentIterator:
       for row, mean in enumerate(self.data.views(index, records.MEAN)):
         z[row] = mean
       if self._noise is not None or self._with_logvar:
-        logvars = np.empty_like(z)
+        logvars = np.empty_like(z) if self._with_logvar else None  # (sampling alone needs no copy)
         for row, logvar in enumerate(self.data.views(index, records.LOGVAR)):
-          logvars[row] = logvar
+          if logvars is not None:
+            logvars[row] = logvar
           if self._noise is not None:
             eps = np.random.default_rng([*self._noise, _TAG_NOISE, int(positions[row])]).standard_normal(
                 self.data.shape, np.float32)
