@@ -28,6 +28,7 @@ from cvvae_jax.data.sampling import Kind
 from cvvae_jax.data.stats import DataStats
 
 SPLIT_PREFERENCE = ("validation", "test", "train")  # the split evaluation reads when none is named
+EMBEDDED = "embedded"  # the `--data` value naming the built-in clips (`embedded:video`, `embedded:image`)
 
 
 class Source(Protocol):
@@ -207,6 +208,59 @@ class TfdsSource:
 
   def describe(self, index: int) -> str:
     return f"{self.name}:{self._split}[{index}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """A `--data` argument read as the source it names (the fields of `open_source` and of a data config's stream)."""
+
+  kind: str  # "video" | "image"
+  source: str  # "folder" | "tfds" | "embedded"
+  path: str = ""
+  tfds_name: str = ""
+  split: str = "train"
+  data_dir: str = ""
+  data_key: str = "data"
+
+  @property
+  def name(self) -> str:
+    if self.source == "folder":
+      return os.path.basename(os.path.normpath(self.path))
+    if self.source == "tfds":
+      return f"{self.tfds_name}:{self.split}"
+    return f"embedded {self.kind}s"
+
+
+def describe_data(data: str, *, kind: str = "auto", data_dir: str = "", split: str = "",
+                  data_key: str = "") -> DataSpec:
+  """Reads a command's `--data` as the embedded set (`embedded[:video|image]`), a folder (local or remote) or a
+  prepared TFDS name, before any file is read; `kind` "auto" takes it from the folder's files (videos win) or the
+  TFDS features. Raises ValueError saying what was expected."""
+  if kind not in ("auto", "video", "image"):
+    raise ValueError(f"--data_kind: expected auto, video or image, got {kind!r}")
+  if data == EMBEDDED or data.startswith(EMBEDDED + ":"):
+    named = data.split(":", 1)[1] if ":" in data else (kind if kind != "auto" else "video")
+    if named not in ("video", "image"):
+      raise ValueError(f"--data {data}: expected 'embedded', 'embedded:video' or 'embedded:image'")
+    return DataSpec(kind=named, source="embedded")
+  if paths.is_remote(data) or os.path.exists(data):
+    if not paths.path(data).is_dir():
+      raise ValueError(f"--data {data}: expected a folder of videos or images (or a TFDS name), got "
+                       f"{'a file' if paths.path(data).exists() else 'a path that does not exist'}")
+    return DataSpec(kind=folders.folder_kind(data) if kind == "auto" else kind, source="folder",
+                    path=paths.normalize(data))
+  try:
+    builder = prepared_builder(data, data_dir or None)
+  except FileNotFoundError as e:
+    raise ValueError(f"--data {data}: not a folder, and not a TFDS dataset ready to read: {e}") from None
+  features = builder.info.features
+  key = data_key or encoded_feature(features)
+  if key not in features:
+    raise ValueError(f"--data {data}: expected --data_key naming the feature with encoded files, one of "
+                     f"{list(features)}")
+  return DataSpec(kind=kind if kind != "auto" else ("video" if "num_frames" in features else "image"),
+                  source="tfds", tfds_name=data, split=split or default_split(builder), data_dir=data_dir,
+                  data_key=key)
 
 
 def open_source(*, kind: str | Kind, source: str, path: str = "", tfds_name: str = "",

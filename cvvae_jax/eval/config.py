@@ -14,7 +14,6 @@ HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False}
 ROLES = ("model", "baseline", "image_vae")
 COMPAT_PSI = ("slice", "mean", "first")
 NONE = "none"
-EMBEDDED = "embedded"
 LPIPS_FRAMES_PER_CALL = 8  # VGG activations of at most this many frames at once
 # The paper's Table 1 protocols (notes, "Results to reproduce"): the clip each dataset gives. The dataset itself is
 # the user's (`--data`: WebVid-val videos, COCO2017-val images).

@@ -2,69 +2,24 @@
 models before any work."""
 from __future__ import annotations
 
-import dataclasses
-import os
-
 import jax
 
-from cvvae_jax import metrics, paths
+from cvvae_jax import metrics
 from cvvae_jax.data import config as data_config_lib
-from cvvae_jax.data import folders, sources
-from cvvae_jax.eval.config import EMBEDDED, EvalConfig, EvaluationError
+from cvvae_jax.data import sources
+from cvvae_jax.data.sources import DataSpec
+from cvvae_jax.eval.config import EvalConfig, EvaluationError
 from cvvae_jax.eval.models import Models
 from cvvae_jax.models import lpips
 
 
-@dataclasses.dataclass(frozen=True)
-class DataSpec:
-  """Where the evaluation clips come from (fields of the `eval` section of `data/config.py`)."""
-
-  kind: str  # "video" | "image"
-  source: str  # "folder" | "tfds" | "embedded"
-  path: str = ""
-  tfds_name: str = ""
-  split: str = ""
-  data_dir: str = ""
-  data_key: str = "data"
-
-  @property
-  def name(self) -> str:
-    if self.source == "folder":
-      return os.path.basename(os.path.normpath(self.path))
-    if self.source == "tfds":
-      return f"{self.tfds_name}:{self.split}"
-    return f"embedded {self.kind}s"
-
-
 def resolve_data(cfg: EvalConfig) -> DataSpec:
   """Reads `cfg.data` as the embedded set, a folder or a TFDS name, and picks video or image (before any work)."""
-  data = cfg.data
-  if data == EMBEDDED or data.startswith(EMBEDDED + ":"):
-    kind = data.split(":", 1)[1] if ":" in data else (cfg.data_kind if cfg.data_kind != "auto" else "video")
-    if kind not in ("video", "image"):
-      raise EvaluationError(f"--data {data}: expected 'embedded', 'embedded:video' or 'embedded:image'")
-    return DataSpec(kind=kind, source="embedded")
-  if paths.is_remote(data) or os.path.exists(data):
-    if not paths.path(data).is_dir():
-      raise EvaluationError(f"--data {data}: expected a folder of videos or images (or a TFDS name), got "
-                            f"{'a file' if paths.path(data).exists() else 'a path that does not exist'}")
-    try:
-      kind = folders.folder_kind(data) if cfg.data_kind == "auto" else cfg.data_kind
-    except ValueError as e:
-      raise EvaluationError(str(e)) from None
-    return DataSpec(kind=kind, source="folder", path=paths.normalize(data))
   try:
-    builder = sources.prepared_builder(data, cfg.data_dir)
-  except FileNotFoundError as e:
-    raise EvaluationError(f"--data {data}: not a folder, and not a TFDS dataset ready to read: {e}") from None
-  split = cfg.split or sources.default_split(builder)
-  features = builder.info.features
-  kind = cfg.data_kind if cfg.data_kind != "auto" else ("video" if "num_frames" in features else "image")
-  key = cfg.data_key or sources.encoded_feature(features)
-  if key not in features:
-    raise EvaluationError(f"--data {data}: expected --data_key naming the feature with encoded files, one of "
-                          f"{list(features)}")
-  return DataSpec(kind=kind, source="tfds", tfds_name=data, split=split, data_dir=cfg.data_dir, data_key=key)
+    return sources.describe_data(cfg.data, kind=cfg.data_kind, data_dir=cfg.data_dir, split=cfg.split,
+                                 data_key=cfg.data_key)
+  except ValueError as e:
+    raise EvaluationError(str(e)) from None
 
 
 def data_config(cfg: EvalConfig, spec: DataSpec):
@@ -74,7 +29,7 @@ def data_config(cfg: EvalConfig, spec: DataSpec):
   h, w = cfg.resolution
   video = spec.kind == "video"
   c.eval.update(dict(kind=spec.kind, source=spec.source, path=spec.path, tfds_name=spec.tfds_name,
-                     split=spec.split or "train", data_dir=spec.data_dir, data_key=spec.data_key,
+                     split=spec.split, data_dir=spec.data_dir, data_key=spec.data_key,
                      frames=int(cfg.frames) if video else 1, stride=int(cfg.stride) if video else 1,
                      size=(h, w), short_side=min(h, w), batch_size=int(cfg.batch_size) // jax.process_count()))
   return c

@@ -11,9 +11,9 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from cvvae_jax import utils
+from cvvae_jax.data.sources import DataSpec
 from cvvae_jax.eval.accumulator import Accumulator
 from cvvae_jax.eval.config import PAPER_TABLE1, EvalConfig
-from cvvae_jax.eval.data import DataSpec
 from cvvae_jax.eval.models import Models
 from cvvae_jax.eval.plots import ERROR_MAP_RANGE
 from cvvae_jax.eval.step import series_names

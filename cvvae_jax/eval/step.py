@@ -114,8 +114,8 @@ def make_step(models: Models, cfg: EvalConfig) -> Callable:
   `params` maps each key of `models.entries` to its params, `frozen` holds the metric networks ("lpips" when
   LPIPS is on); `video` is `[B, T, H, W, 3]` in [-1, 1].
   - `scores[name][metric]` is `[B, T_name]` (see `series_names`), plus the psnr of `group_offset_psnr`;
-  - `extras`: the raw latents the compatibility statistics compare: "latents/cv" (the CV-VAE's posterior mean `[B, 1+k, h, w, C]`) and
-    "latents/image" (the image VAE's of every frame `[B, T, h, w, C]`);
+  - `extras`: the raw latents the compatibility statistics compare: "latents/cv" (the CV-VAE's posterior mean
+    `[B, 1+k, h, w, C]`) and "latents/image" (the image VAE's of every frame `[B, T, h, w, C]`);
   - `pictures`: the decoded videos of the sample strips, `recon/<key>` `[B, T, H, W, 3]`,
     `compat/cv_latent_image_decoder` `[B, 1+k, H, W, 3]` and `compat/image_latent_cv_decoder` `[B, T, H, W, 3]`.
   """

@@ -13,16 +13,14 @@ short side resized (PIL bicubic) to cover the crop, centre-cropped; `frames`, `s
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import numpy as np
 
-from cvvae_jax.data import folders, media, sources
+from cvvae_jax.data import media, sources
 from cvvae_jax.data.sampling import ClipSpec, Crop, Kind, crop_offsets, sample_example
 from cvvae_jax.data.stats import DataStats
 
-EMBEDDED = "embedded"
 EMBEDDED_DIR = "~/.cache/cvvae_jax/data"
 
 
@@ -84,34 +82,8 @@ def load_clip(record: dict[str, Any], settings: ClipSettings, j: int,
   return frames[:, y:y + h, x:x + w], indices, fps
 
 
-def describe_data(data: str, data_dir: str = "", split: str = "", kind: str = "auto") -> dict[str, str]:
-  """`--data` as the source it names: {"source": "folder" | "tfds" | "embedded", "kind": "video" | "image",
-  "path" | "tfds_name", "split"}; `kind` "auto" reads it from the files (videos win) or the TFDS features."""
-  if kind not in ("auto", "video", "image"):
-    raise ValueError(f"--data_kind: expected auto, video or image, got {kind!r}")
-  if data == EMBEDDED or data.startswith(EMBEDDED + ":"):
-    named = data.split(":", 1)[1] if ":" in data else (kind if kind != "auto" else "video")
-    if named not in ("video", "image"):
-      raise ValueError(f"--data {data}: expected 'embedded', 'embedded:video' or 'embedded:image'")
-    return {"source": "embedded", "kind": named, "split": "train"}
-  if os.path.exists(data):
-    if not os.path.isdir(data):
-      raise ValueError(f"--data {data}: expected a folder of videos or images (or a TFDS name), got a file")
-    return {"source": "folder", "kind": folders.folder_kind(data) if kind == "auto" else kind,
-            "path": os.path.abspath(data)}
-  try:
-    builder = sources.prepared_builder(data, data_dir or None)
-  except FileNotFoundError as e:
-    raise ValueError(f"--data {data}: not a folder, and not a TFDS dataset ready to read: {e}") from None
-  if kind == "auto":
-    kind = "video" if "num_frames" in builder.info.features else "image"
-  return {"source": "tfds", "kind": kind, "tfds_name": data, "split": split or sources.default_split(builder),
-          "data_dir": data_dir}
-
-
-def open_data(described: dict[str, str], stats: DataStats, *, embedded_dir: str = EMBEDDED_DIR) -> sources.Source:
-  """The random-access source of `describe_data`'s answer (bad files left out by the probe are in `stats`)."""
-  return sources.open_source(kind=described["kind"], source=described["source"], path=described.get("path", ""),
-                             tfds_name=described.get("tfds_name", ""), split=described.get("split", "train"),
-                             data_dir=described.get("data_dir", ""), embedded_dir=embedded_dir, stats=stats,
-                             where="data")
+def open_data(spec: sources.DataSpec, stats: DataStats, *, embedded_dir: str = EMBEDDED_DIR) -> sources.Source:
+  """The random-access source of `sources.describe_data`'s answer (bad files left out by the probe are in `stats`)."""
+  return sources.open_source(kind=spec.kind, source=spec.source, path=spec.path, tfds_name=spec.tfds_name,
+                             split=spec.split, data_dir=spec.data_dir, data_key=spec.data_key,
+                             embedded_dir=embedded_dir, stats=stats, where="data")

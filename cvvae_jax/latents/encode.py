@@ -44,11 +44,11 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cvvae_jax import cli, distributed, utils
-from cvvae_jax.data import media
+from cvvae_jax.data import media, sources
 from cvvae_jax.data.stats import DataStats
 from cvvae_jax.inference import api, plan
 from cvvae_jax.latents import records
-from cvvae_jax.latents.clips import EMBEDDED_DIR, ClipSettings, describe_data, load_clip, open_data
+from cvvae_jax.latents.clips import EMBEDDED_DIR, ClipSettings, load_clip, open_data
 from cvvae_jax.models.registry import model_spec
 from cvvae_jax.models.vae3d import CVVAE
 from cvvae_jax.weights.pretrained import load_pretrained
@@ -217,8 +217,8 @@ def _remove_stale(out: str, shards: list[int], count: int) -> None:
 def encode_dataset(cfg: EncodeConfig) -> dict[str, Any]:
   """Encodes every clip of `cfg.data` into `cfg.out` (this process's shards); returns the run's throughput and, on
   process 0, the dataset summary written into latents.json."""
-  described = describe_data(cfg.data, cfg.data_dir, cfg.split, cfg.data_kind)
-  is_video = described["kind"] == "video"
+  described = sources.describe_data(cfg.data, kind=cfg.data_kind, data_dir=cfg.data_dir, split=cfg.split)
+  is_video = described.kind == "video"
   settings = ClipSettings(int(cfg.frames) if is_video else 1, int(cfg.stride) if is_video else 1,
                           tuple(cfg.resolution), int(cfg.clips_per_video) if is_video else 1)
   tiling = plan.TilingConfig.from_options(cfg.tiling, cfg.tile, cfg.chunk, cfg.overlap)
@@ -245,7 +245,7 @@ def encode_dataset(cfg: EncodeConfig) -> dict[str, Any]:
       "model": {"path": model_path, "class": type(model).__name__, "variant": getattr(model, "variant", None),
                 "latent_channels": model.latent_channels, "scaling_factor": float(model.scaling_factor),
                 "shift_factor": float(model.shift_factor), "spec": model_spec(model)},
-      "data": {"data": cfg.data, **described, "num_videos": len(source), "frames": settings.frames,
+      "data": {"data": cfg.data, **dataclasses.asdict(described), "num_videos": len(source), "frames": settings.frames,
                "stride": settings.stride, "resolution": list(settings.resolution),
                "clips_per_video": settings.clips_per_video, "crop": "center", "start": "spread"},
       "encode": {"tiling": {**dataclasses.asdict(tiling), "mode": tiling.mode.value}, "dtype": cfg.dtype,
@@ -274,7 +274,7 @@ def encode_dataset(cfg: EncodeConfig) -> dict[str, Any]:
     record = None
     try:
       record = source[video_index]
-      video, indices, fps = load_clip(record, settings, j, described["kind"])
+      video, indices, fps = load_clip(record, settings, j, described.kind)
       meta = {"clip": clip, "video": video_index, "path": source.locate(record["key"]),
               "frames": indices.tolist(), "fps": fps}
       return shard, clip, video, meta, None

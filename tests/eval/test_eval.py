@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from cvvae_jax import CVVAE, metrics
-from cvvae_jax.data import media
+from cvvae_jax.data import media, sources
 from cvvae_jax.inference import api
 from cvvae_jax.eval import accumulator, cli, config, data as eval_data, models as eval_models, report, run, step
 from cvvae_jax.models import lpips
@@ -182,7 +182,7 @@ def test_resolve_data_kinds(tmp_path, embedded_src):
   assert (spec(videos).kind, spec(videos).source) == ("video", "folder")
   assert spec(images).kind == "image"
   assert spec(videos, data_kind="image").kind == "image"
-  assert spec("embedded:image") == eval_data.DataSpec(kind="image", source="embedded")
+  assert spec("embedded:image") == sources.DataSpec(kind="image", source="embedded", split="train")
   with pytest.raises(config.EvaluationError, match="found 1 file"):
     spec(junk)
   with pytest.raises(config.EvaluationError, match="got a file"):
