@@ -92,6 +92,17 @@ def _snapshot(repo_id: str, subfolder: str | None, revision: str | None, variant
     raise FileNotFoundError(f"{where}: the cached snapshot is incomplete and downloads are off or failed: {e}") from e
 
 
+def _lacks_wanted(root: str, subfolder: str | None, variant: str | None) -> bool:
+  """Whether the snapshot lacks the subfolder, or the weights of a model folder (then the repo's listing is asked)."""
+  folder = os.path.join(root, subfolder) if subfolder else root
+  if not os.path.isdir(folder):
+    return True
+  here = os.listdir(folder)
+  if CONFIG_NAME not in here or FLAX_PATTERNS[0] in here:
+    return False
+  return {weight_files.weights_name(variant), weight_files.index_name(variant)}.isdisjoint(here)
+
+
 def _check_listing(repo_id: str, commit: str, subfolder: str | None, variant: str | None, what: str) -> None:
   """Online: a missing subfolder or weights file is named against the repo's own file list (the snapshot holds only
   what the patterns fetched, so it cannot tell what else the repo has)."""
@@ -138,7 +149,7 @@ def resolve_model_path(path: str | os.PathLike, *, subfolder: str | None = None,
   else:
     root = _snapshot(path, subfolder, revision, variant, cache_dir, local_files_only)
     what = f"hub repo {path!r} (revision {revision or 'main'!r}, snapshot {root})"
-    if not (local_files_only or constants.HF_HUB_OFFLINE):
+    if not (local_files_only or constants.HF_HUB_OFFLINE) and _lacks_wanted(root, subfolder, variant):
       _check_listing(path, os.path.basename(root), subfolder, variant, what)
   if subfolder:
     folder = os.path.join(root, subfolder)

@@ -172,3 +172,19 @@ def test_download_patterns_fetch_config_and_the_requested_weights_only():
   assert not [p for p in fp16 if p.endswith(".bin")] and weight_files.weights_name("fp16") in fp16
   assert hub.is_hub_id(REPO_ID) and not hub.is_hub_id("gs://bucket/model") and not hub.is_hub_id("/abs/path")
   assert not hub.is_hub_id("a/b/c") and not hub.is_hub_id("just_a_name")
+
+
+def test_the_repo_listing_is_asked_only_when_the_snapshot_lacks_what_is_wanted(tmp_path):
+  """Online loads ask the Hub for the repo's file list (`hub._check_listing`) only to name what is missing: a
+  snapshot holding the subfolder and the requested weights (or our Flax export) needs no extra request."""
+  model = tmp_path / "vae3d"
+  model.mkdir()
+  (model / hub.CONFIG_NAME).write_text("{}")
+  assert hub._lacks_wanted(str(tmp_path), "vae3d", None)            # config only: the weights are missing
+  (model / weight_files.weights_name("bf16")).write_bytes(b"")
+  assert not hub._lacks_wanted(str(tmp_path), "vae3d", "bf16")
+  assert hub._lacks_wanted(str(tmp_path), "vae3d", None)            # the plain variant is still missing
+  assert hub._lacks_wanted(str(tmp_path), "vae3d_sd3", None)        # no such subfolder in the snapshot
+  assert not hub._lacks_wanted(str(tmp_path), None, None)           # the root is no model folder: named below
+  (model / hub.FLAX_PATTERNS[0]).write_bytes(b"")
+  assert not hub._lacks_wanted(str(tmp_path), "vae3d", None)        # our Flax export needs no PyTorch weights
