@@ -19,7 +19,7 @@ from typing import Any
 import av
 
 from cvvae_jax import paths
-from cvvae_jax.data import images, media
+from cvvae_jax.data import images, media, rotation
 from cvvae_jax.data.sampling import Kind
 
 
@@ -111,6 +111,7 @@ def probe_video_file(f, *, decode_last: bool = False) -> dict[str, Any]:
   """
   if not f.read(1):
     raise media.BadInput("empty file (0 bytes)")
+  degrees = rotation.container_rotation(f)
   f.seek(0)
   try:
     container = av.open(f, mode="r")
@@ -120,6 +121,8 @@ def probe_video_file(f, *, decode_last: bool = False) -> dict[str, Any]:
     if not container.streams.video:
       raise media.BadInput("no video stream")
     stream = container.streams.video[0]
+    if degrees is None:
+      degrees = rotation.decoded_rotation(container, stream)
     clock = media.FrameClock(stream)
     declared = int(stream.frames or 0)
     height, width = stream.codec_context.height, stream.codec_context.width
@@ -143,6 +146,8 @@ def probe_video_file(f, *, decode_last: bool = False) -> dict[str, Any]:
     return {"num_frames": info.num_frames, "fps": info.fps, "height": info.height, "width": info.width}
   if declared and last + 1 < declared:
     raise media.BadInput(f"truncated: the container declares {declared} frames, the stream ends after {last + 1}")
+  if rotation.swaps_size(degrees):
+    height, width = width, height
   return {"num_frames": last + 1, "fps": fps, "height": height, "width": width}
 
 

@@ -41,7 +41,7 @@ from cvvae_jax import paths
 from cvvae_jax.data import folders, media
 from cvvae_jax.data.sampling import Kind
 
-VERSION = 1
+VERSION = 2  # 2: height and width as displayed (rotated videos, `rotation.py`); an index of another version is rebuilt
 INDEX_DIRNAME = ".cvvae_index"
 DEFAULT_CACHE_DIR = "~/.cache/cvvae_jax/index"
 _POOL_MIN_FILES = 64  # fewer files to probe than this: probed in this process (a pool costs more than it saves)

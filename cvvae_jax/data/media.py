@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import av
 import numpy as np
 
+from cvvae_jax.data import rotation
+
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".mpg", ".mpeg", ".ogv",
                     ".wmv", ".flv", ".3gp", ".ts")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -122,7 +124,7 @@ def probe_video(data: bytes) -> VideoInfo:
     try:
       for frame in container.decode(stream):
         if num_frames == 0:
-          height, width = frame.height, frame.width
+          height, width = _displayed_size(frame)
         num_frames += 1
     except av.FFmpegError as e:
       raise BadInput(f"truncated or corrupt: decoding failed after {num_frames} frames ({e})") from None
@@ -158,8 +160,18 @@ class FrameClock:
     return self.start + (index * self._den) // self._num
 
 
+def _displayed_size(frame) -> tuple[int, int]:
+  """(height, width) of a decoded frame as displayed (its display matrix applied, `rotation.py`)."""
+  return (frame.width, frame.height) if rotation.swaps_size(frame.rotation) else (frame.height, frame.width)
+
+
 def _rgb(frame, height: int, width: int) -> np.ndarray:
-  return frame.to_ndarray(format="rgb24", width=width, height=height, interpolation=_SWS_INTERPOLATION)
+  """The frame upright (`rotation.py`), resized to `height` x `width`: uint8 `[height, width, 3]`."""
+  degrees = frame.rotation
+  if rotation.swaps_size(degrees):
+    height, width = width, height  # resized as coded, then turned
+  rgb = frame.to_ndarray(format="rgb24", width=width, height=height, interpolation=_SWS_INTERPOLATION)
+  return rotation.upright(rgb, degrees)
 
 
 def _set_threads(stream, threads: int) -> None:
@@ -292,12 +304,16 @@ def _open_file(path: str):
 
 
 def video_info(path: str) -> VideoInfo:
-  """Frame count (declared), size and frame rate of a video file, without decoding it."""
-  with _open_file(path) as container:
+  """Frame count (declared), size as displayed (`rotation.py`) and frame rate of a video file, without decoding it
+  (except one frame of a Matroska/WebM file, for its rotation)."""
+  with _open_file(path) as container, open(path, "rb") as f:
     stream = container.streams.video[0]
     fps = float(stream.average_rate) if stream.average_rate else 0.0
-    return VideoInfo(num_frames=int(stream.frames or 0), height=stream.codec_context.height,
-                     width=stream.codec_context.width, fps=fps)
+    degrees = rotation.container_rotation(f)
+    height, width = stream.codec_context.height, stream.codec_context.width
+    if rotation.swaps_size(rotation.decoded_rotation(container, stream) if degrees is None else degrees):
+      height, width = width, height
+    return VideoInfo(num_frames=int(stream.frames or 0), height=height, width=width, fps=fps)
 
 
 def _pair(size) -> tuple[int, int] | None:
@@ -338,12 +354,11 @@ def read_video(path: str, *, num_frames: int | None = None, stride: int = 1, sta
       for index, frame in enumerate(container.decode(stream)):
         if index < start or (index - start) % stride:
           continue
+        height, width = _displayed_size(frame)
         if size is not None:
-          h, w = resized_shape(frame.height, frame.width, size)
-          rgb = frame.to_ndarray(format="rgb24", width=w, height=h, interpolation=_SWS_INTERPOLATION)
-          rgb = center_crop(rgb, size)
+          rgb = center_crop(_rgb(frame, *resized_shape(height, width, size)), size)
         else:
-          rgb = frame.to_ndarray(format="rgb24")
+          rgb = _rgb(frame, height, width)
         frames.append(rgb)
         if num_frames is not None and len(frames) == num_frames:
           break
@@ -378,7 +393,8 @@ def rational_rate(fps: float | fractions.Fraction) -> fractions.Fraction:
 
 
 def write_video(path: str, frames: np.ndarray, *, fps: float | fractions.Fraction = 24.0, codec: str = "libx264",
-                options: dict[str, str] | None = None, faststart: bool = False, gop_size: int | None = None) -> str:
+                options: dict[str, str] | None = None, faststart: bool = False, gop_size: int | None = None,
+                display_rotation: int = 0) -> str:
   """Writes frames `[T, H, W, 3]` (float in [-1, 1], or uint8) to a video file; H and W must be even (yuv420p).
 
   Args:
@@ -389,6 +405,8 @@ def write_video(path: str, frames: np.ndarray, *, fps: float | fractions.Fractio
     options: encoder options (default for libx264: {"crf": "18"}).
     faststart: put the mp4 index in front (as web videos do), so that a cut file still opens.
     gop_size: frames between keyframes (None: the encoder's default, 250 for libx264).
+    display_rotation: a display matrix turning the frames this many degrees counter-clockwise when shown (as phones
+      write; `rotation.py`); the frames are stored as given.
   Returns:
     The path.
   """
@@ -410,6 +428,8 @@ def write_video(path: str, frames: np.ndarray, *, fps: float | fractions.Fractio
     stream.options = dict(options)
     if gop_size:
       stream.codec_context.gop_size = int(gop_size)
+    if display_rotation:
+      stream.set_display_rotation(display_rotation)
     for frame in frames:
       for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
         container.mux(packet)

@@ -68,8 +68,8 @@ def test_probe_equals_a_full_decode_on_real_clips(frames, decode_last):
   clips += [_encode(frames, gop=4), _encode(frames, pts0=500), _encode(frames[:21], codec="mpeg4", fmt="avi")]
   for blob in clips:
     full = media.probe_video(blob)
-    assert folders.probe_video_file(io.BytesIO(blob), decode_last=decode_last) == {"num_frames": full.num_frames, "fps": full.fps,
-                                                          "height": full.height, "width": full.width}
+    assert folders.probe_video_file(io.BytesIO(blob), decode_last=decode_last) == {
+        "num_frames": full.num_frames, "fps": full.fps, "height": full.height, "width": full.width}
 
 
 def test_index_built_reused_without_opening_files_and_updated(folder, frames):
