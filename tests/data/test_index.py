@@ -2,7 +2,10 @@
 split across processes, probe equal to a full decode, and a file whose index lies caught at decode time."""
 
 import io
+import json
 import os
+import shutil
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -18,6 +21,7 @@ from cvvae_jax.data import folders, index, media
 from cvvae_jax.data.sampling import Kind
 from tests.data.test_media_scale import _encode, _real_frames
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _OPENED: list[str] = []
 _WATCHED: list[str] = []
 
@@ -172,3 +176,40 @@ def test_file_whose_index_lies_is_skipped_and_counted_at_decode_time(tmp_path, f
   assert list(it.stats.skipped) == [str(target)]
   assert "truncated: needed frame" in it.stats.skipped[str(target)]
   assert it.stats.skip_events >= 1
+
+
+READ_ONLY_SCRIPT = r"""
+import json, os, sys
+from cvvae_jax.data import index
+from cvvae_jax.data.sampling import Kind
+root = sys.argv[1]
+runs = [index.build_index(root, Kind.VIDEO, workers=1) for _ in range(2)]
+print(json.dumps({"paths": [r.path for r in runs], "counts": [r.counts for r in runs],
+                  "frames": {e["path"]: e.get("num_frames") for e in runs[0].entries},
+                  "writable": os.access(root, os.W_OK)}))
+"""
+
+
+def test_a_read_only_folder_keeps_its_index_in_the_cache(folder, tmp_path):
+  """A folder on a read-only mount (a dataset disk shared by several jobs): the index goes to the cache folder,
+  `~/.cache/cvvae_jax/index/<hash of the path>/`, and the next start reuses it. A read-only bind mount in a user and
+  mount namespace (`unshare -rm`), so that it holds for root too."""
+  probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount --bind {folder} {folder} && "
+                          f"mount -o remount,bind,ro {folder} {folder}"], capture_output=True, text=True, check=False)
+  if shutil.which("unshare") is None or probe.returncode:
+    pytest.skip(f"no read-only bind mount here (unshare -rm): {probe.stderr.strip()}")
+  home = tmp_path / "home"
+  script = (f"mount --bind {folder} {folder} && mount -o remount,bind,ro {folder} {folder} && "
+            f"exec {sys.executable} -c \"$0\" {folder}")
+  run = subprocess.run(["unshare", "-rm", "sh", "-c", script, READ_ONLY_SCRIPT], capture_output=True, text=True,
+                       env={**os.environ, "HOME": str(home), "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+                       timeout=300, check=False)
+  assert run.returncode == 0, run.stderr[-3000:]
+  got = json.loads(run.stdout.strip().splitlines()[-1])
+  assert got["writable"] is False
+  cache = home / ".cache" / "cvvae_jax" / "index"
+  (digest,) = os.listdir(cache)
+  assert got["paths"] == [str(cache / digest / "video.jsonl")] * 2
+  assert got["counts"] == [{"listed": 4, "reused": 0, "probed": 4}, {"listed": 4, "reused": 4, "probed": 0}]
+  assert got["frames"] == {"a.mp4": 40, "c.webm": 20, "empty.mp4": None, "sub/b.mp4": 30}
+  assert not (folder / index.INDEX_DIRNAME).exists()
