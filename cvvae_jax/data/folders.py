@@ -19,7 +19,7 @@ from typing import Any
 import av
 
 from cvvae_jax import paths
-from cvvae_jax.data import images, media, rotation
+from cvvae_jax.data import images, media, mp4, rotation
 from cvvae_jax.data.sampling import Kind
 
 
@@ -97,10 +97,13 @@ def _last_frame_index(container, stream, clock: media.FrameClock, estimate: int,
   return numbers[-1]
 
 
-def probe_video_file(f, *, decode_last: bool = False) -> dict[str, Any]:
-  """{"num_frames", "fps", "height", "width"} of an open video file (a binary file object, read only where needed).
+def probe_video_file(f, *, decode_last: bool = False, read_header: bool = True) -> dict[str, Any]:
+  """{"num_frames", "fps", "height", "width"} (as displayed) of an open video file (a binary file object, read only
+  where needed).
 
-  The frame count is the container's (the stream's, else duration x rate), confirmed by the timestamps of the
+  An mp4/mov file whose sample table ends past the file's end is caught first (`mp4.py`). With `read_header` (and
+  not `decode_last`), one whose header states all of it exactly is answered from the header alone (no FFmpeg).
+  Otherwise the frame count is the container's (the stream's, else duration x rate), confirmed by the timestamps of the
   packets of the last GOP (seek, then demux to the end): a file that ends early is caught here. With `decode_last`
   the last GOP is decoded too (slower: a 10 s GOP decodes 10 s); without it, damage inside the stream is caught
   when a clip is decoded (the pipeline skips and counts the file then). Streams whose timestamps are off a
@@ -111,6 +114,15 @@ def probe_video_file(f, *, decode_last: bool = False) -> dict[str, Any]:
   """
   if not f.read(1):
     raise media.BadInput("empty file (0 bytes)")
+  try:  # `complete`: an mp4/mov whose samples all lie in the file (fewer frames than samples come from its edits)
+    header, complete = mp4.probe(f)
+  except mp4.Truncated as e:
+    raise media.BadInput(str(e)) from None
+  if header is not None and read_header and not decode_last:  # the header states it all exactly: no FFmpeg
+    degrees = rotation.matrix_rotation(header.pop("matrix")) if header["matrix"] else 0.0
+    if rotation.swaps_size(degrees):
+      header["height"], header["width"] = header["width"], header["height"]
+    return header
   degrees = rotation.container_rotation(f)
   f.seek(0)
   try:
@@ -142,9 +154,9 @@ def probe_video_file(f, *, decode_last: bool = False) -> dict[str, Any]:
         last = None
   if last is None:  # no usable metadata: count by decoding every frame
     f.seek(0)
-    info = media.probe_video(f.read())
+    info = media.probe_video(f.read(), declared_is_exact=not complete)
     return {"num_frames": info.num_frames, "fps": info.fps, "height": info.height, "width": info.width}
-  if declared and last + 1 < declared:
+  if declared and last + 1 < declared and not complete:
     raise media.BadInput(f"truncated: the container declares {declared} frames, the stream ends after {last + 1}")
   if rotation.swaps_size(degrees):
     height, width = width, height

@@ -102,7 +102,7 @@ def _open_video(data: bytes):
   return container
 
 
-def probe_video(data: bytes) -> VideoInfo:
+def probe_video(data: bytes, *, declared_is_exact: bool = True) -> VideoInfo:
   """Decodes every frame once (no colour conversion) to count the decodable frames.
 
   A file whose decoder fails part-way, or that decodes fewer frames than its container declares,
@@ -110,6 +110,8 @@ def probe_video(data: bytes) -> VideoInfo:
 
   Args:
     data: the encoded file (mp4, webm, mov, avi, ...).
+    declared_is_exact: False where the container's frame count may exceed what it presents (an mp4 edit list that
+      starts late: `mp4.probe` has checked that every sample is in the file); then fewer frames are not a cut.
   Returns:
     VideoInfo with the number of decodable frames and the frame size.
   Raises:
@@ -130,7 +132,7 @@ def probe_video(data: bytes) -> VideoInfo:
       raise BadInput(f"truncated or corrupt: decoding failed after {num_frames} frames ({e})") from None
   if num_frames == 0:
     raise BadInput("no decodable frames")
-  if declared and num_frames < declared:
+  if declared and num_frames < declared and declared_is_exact:
     raise BadInput(f"truncated: decoded {num_frames} of the {declared} frames the container declares")
   return VideoInfo(num_frames=num_frames, height=height, width=width, fps=fps)
 

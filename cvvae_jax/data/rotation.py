@@ -6,21 +6,19 @@ Angles follow FFmpeg (`av_display_rotation_get`, PyAV's `VideoFrame.rotation`): 
 rotates the coded frame counter-clockwise, in (-180, 180]. Only quarter turns are applied; flips in the matrix
 (rare: mirrored front cameras) are not.
 
-Probing reads it without decoding from mp4/mov/m4v/3gp files (the first video track's header, the
-track FFmpeg lists first), from the first decoded frame of Matroska/WebM files (which carry it since FFmpeg 7.1), and
+Probing reads it without decoding from mp4/mov/m4v/3gp files (the first video track's header, `mp4.py`: the track
+FFmpeg lists first), from the first decoded frame of Matroska/WebM files (which carry it since FFmpeg 7.1), and
 takes 0 for other containers, which have no display matrix.
 """
 from __future__ import annotations
 
 import math
-import struct
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import av
 import numpy as np
 
-_ISO_BMFF_FIRST_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pdin")
-_MAX_HEADER_BYTES = 1 << 16  # a tkhd or hdlr box is ~100 bytes: read no more than this of one
+from cvvae_jax.data import mp4
 
 
 def quarter_turns(degrees: float) -> int:
@@ -49,68 +47,14 @@ def matrix_rotation(matrix: tuple[int, ...]) -> float:
   return degrees + 360.0 if degrees <= -180.0 else degrees
 
 
-def _boxes(f: BinaryIO, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
-  """(type, payload start, box end) of the ISO-BMFF boxes in bytes [start, end) of `f`."""
-  pos = start
-  while pos + 8 <= end:
-    f.seek(pos)
-    head = f.read(8)
-    if len(head) < 8:
-      return
-    size, kind = struct.unpack(">I4s", head)
-    header = 8
-    if size == 1:
-      large = f.read(8)
-      if len(large) < 8:
-        return
-      size, header = struct.unpack(">Q", large)[0], 16
-    elif size == 0:
-      size = end - pos  # to the end of the enclosing box (or file)
-    if size < header:
-      return  # damaged: stop here (the decoder reports damage where it matters)
-    yield kind, pos + header, min(pos + size, end)
-    pos += size
-
-
-def _payload(f: BinaryIO, start: int, end: int) -> bytes:
-  f.seek(start)
-  return f.read(min(end - start, _MAX_HEADER_BYTES))
-
-
-def _track(f: BinaryIO, start: int, end: int) -> tuple[bool, float]:
-  """(is a video track, its display rotation) of one `trak` box."""
-  video, degrees = False, 0.0
-  for kind, a, b in _boxes(f, start, end):
-    if kind == b"tkhd":
-      body = _payload(f, a, b)
-      offset = 52 if body[:1] == b"\x01" else 40  # version 1 has 64-bit times and duration
-      if len(body) >= offset + 36:
-        degrees = matrix_rotation(struct.unpack(">9i", body[offset:offset + 36]))
-    elif kind == b"mdia":
-      for kind2, a2, b2 in _boxes(f, a, b):
-        if kind2 == b"hdlr":
-          video = _payload(f, a2, b2)[8:12] == b"vide"
-  return video, degrees
-
-
 def container_rotation(f: BinaryIO) -> float | None:
-  """The display rotation of the first video track of an mp4/mov file object (read from its header boxes, no
-  decoding; `f` is left at an undefined position); 0 without a matrix, None when `f` is not an ISO-BMFF file or
-  has no video track (then the rotation is unknown until a frame is decoded)."""
-  f.seek(0, 2)
-  end = f.tell()
-  f.seek(4)
-  if f.read(4) not in _ISO_BMFF_FIRST_BOXES:
+  """The display rotation of the first video track of an mp4/mov file object (read from its header, no decoding;
+  `f` is left at an undefined position); 0 without a matrix, None when `f` is not an ISO-BMFF file or has no video
+  track (then the rotation is unknown until a frame is decoded)."""
+  track = mp4.video_track(f)
+  if track is None:
     return None
-  for kind, a, b in _boxes(f, 0, end):
-    if kind == b"moov":
-      for kind2, a2, b2 in _boxes(f, a, b):
-        if kind2 == b"trak":
-          video, degrees = _track(f, a2, b2)
-          if video:
-            return degrees
-      return None
-  return None
+  return matrix_rotation(track.matrix) if track.matrix else 0.0
 
 
 def decoded_rotation(container, stream) -> float:
