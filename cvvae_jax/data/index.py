@@ -9,8 +9,9 @@ file: a header line, then one line per file, sorted by path:
 
 It is kept at `<folder>/.cvvae_index/<kind>.jsonl` (hidden folders are never listed as data), or, where the folder
 cannot be written, at `<cache_dir>/<sha1 of the folder>/<kind>.jsonl` (cache_dir default
-~/.cache/cvvae_jax/index). Probing reads container metadata (the stream's frame count, else duration x rate) and
-confirms it by seeking to the last keyframe and reading the last GOP's packet timestamps (no decoding; see
+~/.cache/cvvae_jax/index). Probing reads an mp4/mov header's sample table where it states the frames exactly
+(`mp4.py`, without FFmpeg), else container metadata (the stream's frame count, else duration x rate) confirmed by
+seeking to the last keyframe and reading the last GOP's packet timestamps (no decoding; see
 `folders.probe_video_file`); only streams whose timestamps are off a constant frame grid are decoded in full.
 Images are probed from their header (size, EXIF orientation). Damage that the probe does not see (a corrupt
 middle, an index whose size and mtime still match a changed file) is caught when a clip is decoded, where the
