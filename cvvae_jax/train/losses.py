@@ -50,6 +50,8 @@ class LossWeights:
       psi: the psi mapping, a string parsed once into `PsiMapping` ("random").
       adaptive_weight_eps: added to ||grad g|| in the adaptive weight (1e-4).
       adaptive_weight_max: upper clamp of the adaptive weight before `disc_weight` (1e4).
+      perceptual_frames: LPIPS on this many random frames of each clip per step (`frame_subset_perceptual`, an
+    unbiased estimate of the every-frame term at k/T of its cost); 0 (the original): every frame.
   """
 
   kl_weight: float = 1.0
@@ -62,6 +64,7 @@ class LossWeights:
   psi: PsiMapping = PsiMapping.RANDOM
   adaptive_weight_eps: float = 1e-4
   adaptive_weight_max: float = 1e4
+  perceptual_frames: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "psi", PsiMapping.parse(self.psi))
@@ -72,6 +75,34 @@ class LossWeights:
         raise ValueError(f"expected {name} to be a number >= 0, got {value!r}")
     if not isinstance(self.disc_start, int):
       raise ValueError(f"expected disc_start to be an int, got {self.disc_start!r}")
+    if not isinstance(self.perceptual_frames, int) or self.perceptual_frames < 0:
+      raise ValueError(f"expected perceptual_frames to be an int >= 0 (0: every frame), got "
+                       f"{self.perceptual_frames!r}")
+
+
+def frame_subset_perceptual(perceptual: Perceptual, rng: jax.Array, frames_per_clip: int,
+                            num_frames: int) -> Perceptual:
+  """`perceptual` on `num_frames` random frames of each clip (distinct, uniform), as an unbiased estimate.
+
+  The returned callable takes the frames of B clips, `[B * T, H, W, 3]` clip by clip (T = `frames_per_clip`, as
+  `reconstruction_nll` flattens `[B, T, H, W, 3]`), and gives `[B * T]`: T/k times the distance on the k chosen
+  frames and 0 elsewhere. Each frame is chosen with probability k/T, so the expectation over `rng` of every entry,
+  and of the NLL (linear in it), is the every-frame value; LPIPS costs k/T of the full term.
+  """
+  t, k = int(frames_per_clip), int(num_frames)
+  if not 0 < k <= t:
+    raise ValueError(f"expected 0 < perceptual_frames <= frames per clip ({t}), got {k}")
+
+  def subset(x: jax.Array, y: jax.Array) -> jax.Array:
+    n = x.shape[0]
+    if n % t:
+      raise ValueError(f"expected [B * {t}, H, W, 3] frames (whole clips), got {n} frames")
+    chosen = jnp.argsort(jax.random.uniform(rng, (n // t, t)), axis=1)[:, :k]  # k distinct frames per clip
+    flat = (chosen + t * jnp.arange(n // t)[:, None]).reshape(-1)
+    distance = jnp.asarray(perceptual(x[flat], y[flat]), jnp.float32).reshape(-1)
+    return jnp.zeros((n,), jnp.float32).at[flat].set(distance * (t / k))
+
+  return subset
 
 
 def reconstruction_nll(

@@ -46,6 +46,9 @@ def generator_objective(params, disc_params, frozen, x: Array, rng: Array, step:
   if w.perceptual_weight:
     lpips_of = lambda a, b: lpips.lpips_distance(frozen["lpips"], a, b, dtype=models.vae.dtype)
     perceptual = lambda a, b: remat_lib.checkpointed_map(lpips_of, remat, a, b, chunk=models.remat_frames)
+    if x.ndim == 5 and 0 < w.perceptual_frames < x.shape[1]:  # LPIPS on a random subset of each clip's frames
+      perceptual = losses.frame_subset_perceptual(perceptual, jax.random.fold_in(rng, 1), x.shape[1],
+                                                  w.perceptual_frames)
   nll_of = lambda xh: losses.reconstruction_nll(x, xh, params["logvar"], perceptual, w.perceptual_weight)
   gan_of = lambda xh: losses.generator_adversarial_loss(models.disc.apply({"params": disc_params}, xh))
   nll, rec_metrics = nll_of(x_hat)

@@ -86,6 +86,43 @@ def test_reconstruction_nll_reduction_is_mean_over_frames():
   np.testing.assert_allclose(nll_img, np.sum(rec[:, 0] / np.exp(lv) + lv) / b, rtol=1e-5)
 
 
+def _frame_distance(x, y):
+  """A stand-in perceptual distance: mean squared difference per frame `[N, H, W, C] -> [N]`."""
+  return jnp.mean((x - y) ** 2, axis=(1, 2, 3))
+
+
+def test_lpips_on_a_frame_subset_keeps_the_nll_in_expectation():
+  """k of T frames per clip, T/k times their distance: over many draws the mean of each frame's estimate, and of the
+  NLL, is the every-frame value; each draw uses k distinct frames per clip."""
+  b, t, k = 2, 5, 2
+  x = jax.random.uniform(jax.random.PRNGKey(0), (b, t, 3, 4, 3), minval=-1, maxval=1)
+  y = jax.random.uniform(jax.random.PRNGKey(1), (b, t, 3, 4, 3), minval=-1, maxval=1)
+  flat = lambda v: v.reshape(-1, 3, 4, 3)
+  full = _frame_distance(flat(x), flat(y))
+  draws = jax.vmap(lambda key: losses.frame_subset_perceptual(_frame_distance, key, t, k)(flat(x), flat(y)))(
+      jax.random.split(jax.random.PRNGKey(2), 20000))
+  chosen = np.asarray(draws > 0).reshape(-1, b, t)
+  assert np.all(chosen.sum(-1) == k)                               # k distinct frames of each clip, every draw
+  np.testing.assert_allclose(chosen.mean(0), k / t, atol=0.015)    # each frame as often as the others
+  np.testing.assert_allclose(np.asarray(draws).mean(0), np.asarray(full), rtol=0.03)
+  nll_full, _ = losses.reconstruction_nll(x, y, 0.3, _frame_distance, 0.5)
+  nll_of = lambda key: losses.reconstruction_nll(
+      x, y, 0.3, losses.frame_subset_perceptual(_frame_distance, key, t, k), 0.5)[0]
+  nlls = jax.vmap(nll_of)(jax.random.split(jax.random.PRNGKey(3), 20000))
+  np.testing.assert_allclose(float(nlls.mean()), float(nll_full), rtol=2e-3)
+  # All frames chosen: the every-frame term itself; gradients reach only the chosen frames.
+  all_frames = losses.frame_subset_perceptual(_frame_distance, jax.random.PRNGKey(4), t, t)
+  np.testing.assert_allclose(all_frames(flat(x), flat(y)), full, rtol=1e-6)
+  some = losses.frame_subset_perceptual(_frame_distance, jax.random.PRNGKey(5), t, k)
+  grad = jax.grad(lambda v: jnp.sum(some(flat(x), v)))(flat(y))
+  touched = np.asarray(jnp.any(grad != 0, axis=(1, 2, 3)))
+  np.testing.assert_array_equal(touched, np.asarray(some(flat(x), flat(y)) > 0))
+  with pytest.raises(ValueError, match="perceptual_frames <= frames per clip"):
+    losses.frame_subset_perceptual(_frame_distance, jax.random.PRNGKey(0), t, t + 1)
+  with pytest.raises(ValueError, match="perceptual_frames to be an int >= 0"):
+    losses.LossWeights(perceptual_frames=-1)
+
+
 def test_reconstruction_nll_errors():
   with pytest.raises(ValueError, match="perceptual callable for perceptual_weight=0.5"):
     losses.reconstruction_nll(X, Y, 0.0, None, 0.5)
@@ -137,7 +174,8 @@ def test_adaptive_weight_formula_and_clamp():
   # ||grad g|| = 0: 5 / 1e-4 = 5e4 is clamped to 1e4, times 0.5
   np.testing.assert_allclose(losses.adaptive_generator_weight(jnp.array([3.0, 4.0]), jnp.zeros(2), 0.5), 5000.0)
   # pytrees: global norm
-  w_tree = losses.adaptive_generator_weight({"a": jnp.array([3.0])}, {"b": jnp.array([[1.0, 1.0]]), "c": jnp.ones(2)}, 1.0)
+  w_tree = losses.adaptive_generator_weight({"a": jnp.array([3.0])}, {"b": jnp.array([[1.0, 1.0]]), "c": jnp.ones(2)},
+                                            1.0)
   np.testing.assert_allclose(w_tree, 3.0 / (2.0 + 1e-4), rtol=1e-6)
   # no gradient through the weight
   g = jax.grad(lambda a: losses.adaptive_generator_weight(a, jnp.array([1.0, 1.0])))(jnp.array([3.0, 4.0]))
