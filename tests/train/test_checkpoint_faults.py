@@ -10,12 +10,15 @@ file of the latest step, locally and on the local GCS-API server; a small tmpfs 
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +26,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from etils import epath
+from gcsfs import retry as gcsfs_retry
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 from cvvae_jax.train import checkpoint, integrity, records, verify
+from tests import gcs_proxy
 from tests.train.test_multihost import CONFIG, ROOT
 
 
@@ -178,6 +184,85 @@ def test_describe_fault_names_the_usual_save_faults():
   assert integrity.describe_fault(PermissionError(13, "Permission denied"))[0] == "permission denied"
   what, _, transient = integrity.describe_fault(ValueError("UNAVAILABLE: 503 backend"))
   assert what == "the storage is unavailable" and transient
+
+
+@pytest.fixture
+def outage(gcs_server, monkeypatch):
+  """A `gcs_proxy.FaultyProxy` in front of the GCS server, with gcsfs (Orbax's metadata files, our checksums) and
+  TensorStore (the array data) pointed at it; both libraries' own retries are kept but made quick (gcsfs: its 6
+  tries, each backoff cut to 10 ms; TensorStore: 2 retries of 10-20 ms), so that an outage reaches the manager in
+  milliseconds instead of after their minute of backoff. The manager's own backoff sleeps are recorded, not slept."""
+  proxy = gcs_proxy.FaultyProxy(gcs_server.url)
+  proxy.start()
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)     # gcsfs reads it per request
+  monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", proxy.url)  # TensorStore per kvstore it opens
+  sleep = asyncio.sleep
+  monkeypatch.setattr(gcsfs_retry, "asyncio", types.SimpleNamespace(sleep=lambda s: sleep(min(s, 0.01))))
+  monkeypatch.setitem(ts_utils._DEFAULT_OCDBT_TS_CONTEXT, "gcs_request_retries",
+                      {"max_retries": 2, "initial_delay": "10ms", "max_delay": "20ms"})
+  proxy.backoffs = []
+  yield proxy
+  proxy.fail_for(0)
+  proxy.stop()
+
+
+def _end_outage_at_backoff(proxy, n):
+  """A stand-in for the manager's `time.sleep` that records each backoff and ends `proxy`'s outage at the `n`-th."""
+  def sleep(seconds):
+    proxy.backoffs.append(seconds)
+    if len(proxy.backoffs) == n:
+      proxy.fail_for(0)
+  return types.SimpleNamespace(sleep=sleep)
+
+
+def test_save_retries_through_a_storage_outage_and_a_persistent_one_is_one_clear_error(outage, gcs_server, caplog,
+                                                                                        monkeypatch):
+  workdir = gcs_server.bucket("outage") + "/run"
+  manager = checkpoint.CheckpointManager(workdir, enable_async_checkpointing=False, retries=3, retry_delay_s=0.5)
+  manager.save(1, _state(1), checkpoint.make_meta(), force=True)
+  assert outage.forwarded > 0 and outage.failed == 0
+  # Every request fails (503) from the save's start until the manager's second backoff: two attempts fail, each
+  # after gcsfs / TensorStore gave up, and the third saves the step.
+  monkeypatch.setattr(checkpoint, "time", _end_outage_at_backoff(outage, 2))
+  caplog.set_level(logging.WARNING, logger=checkpoint.__name__)
+  outage.fail_for(None)
+  assert manager.save(2, _state(2), checkpoint.make_meta(data_state={"step": 2}), force=True)
+  retried = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+  assert len(retried) == 2 and all(m.startswith("saving checkpoint step 2 failed (the storage is unavailable: ")
+                                   for m in retried), retried
+  assert outage.backoffs == [0.5, 1.0] and outage.failed > 0
+  assert manager.all_steps() == [1, 2]
+  assert integrity.verify_step(epath.Path(workdir) / "checkpoints" / "2") is not None
+  state, meta = manager.restore(2, _abstract())
+  np.testing.assert_array_equal(state["params"]["w"], np.full((64, 64), 2.0))
+  assert meta["data"] == {"step": 2}
+  assert outage.failed_agents.get("python-gcsfs") and "tensorstore" in outage.forwarded_agents
+  # Only TensorStore's requests (the array data) fail, until the first backoff: the save fails inside TensorStore.
+  outage.backoffs.clear()
+  caplog.clear()
+  monkeypatch.setattr(checkpoint, "time", _end_outage_at_backoff(outage, 1))
+  outage.fail_for(None, only="tensorstore")
+  assert manager.save(3, _state(3), checkpoint.make_meta(), force=True)
+  retried = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+  assert len(retried) == 1 and "the storage is unavailable" in retried[0] and outage.failed_agents.get("tensorstore")
+  assert manager.all_steps() == [1, 2, 3] and integrity.verify_step(epath.Path(workdir) / "checkpoints" / "3")
+  # An outage that outlasts the retries: one line, after 3 retries, naming the step and the last good one.
+  outage.backoffs.clear()
+  monkeypatch.setattr(checkpoint, "time", _end_outage_at_backoff(outage, None))
+  outage.fail_for(None)
+  failed_before = outage.failed
+  with pytest.raises(checkpoint.CheckpointSaveError) as error:
+    manager.save(4, _state(4), checkpoint.make_meta(), force=True)
+  assert outage.backoffs == [0.5, 1.0, 2.0] and outage.failed > failed_before
+  message = str(error.value)
+  assert "\n" not in message and message.startswith("saving checkpoint step 4 failed: the storage is unavailable (")
+  assert f"the last good checkpoint is step 3 in {workdir}/checkpoints" in message
+  assert message.endswith("check the bucket or network and run the same command again")
+  outage.fail_for(0)
+  manager.close()
+  reader = checkpoint.CheckpointManager(workdir, read_only=True)
+  assert reader.all_steps() == [1, 2, 3]
+  reader.close()
 
 
 def test_verify_reports_ok_corrupt_unverified_and_moved_aside(tmp_path, capsys):
