@@ -14,9 +14,11 @@ import asyncio
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import types
 
@@ -137,19 +139,91 @@ def test_history_records_the_fallback(tmp_path):
   assert saved[records.CHECKPOINT_FALLBACK] == [[2, [{"step": 4, "error": "x", "moved_to": "4.corrupt"}]]]
 
 
+# The save of step 2 into WORKDIR (step 1 saved there already), in its own process: prints the error line.
+_SAVE_STEP_2 = """
+import sys
+import jax.numpy as jnp
+from cvvae_jax.train import checkpoint
+state = {"params": {"w": jnp.full((64, 64), 2.0), "b": jnp.arange(512.0) + 2}, "step": jnp.asarray(2, jnp.int32)}
+manager = checkpoint.CheckpointManager(sys.argv[1], enable_async_checkpointing=False)
+try:
+  manager.save(2, state, checkpoint.make_meta(), force=True)
+  print("saved")
+except checkpoint.CheckpointSaveError as e:
+  print(f"CheckpointSaveError: {e}")
+manager.close()
+"""
+
+
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]  # for whom file modes count
+
+
+def _save_step_2_elsewhere(workdir, how: str) -> str:
+  """Runs `_SAVE_STEP_2` on `workdir` as nobody (`how="nobody"`) or inside `unshare -rm` with the workdir's
+  checkpoints folder bind-mounted read-only (`how="ro_mount"`); its last output line."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # root's cache: not for nobody
+  env.update(ONE_DEVICE, HOME=str(workdir))
+  cmd = [sys.executable, "-c", _SAVE_STEP_2, str(workdir)]
+  if how == "ro_mount":
+    d = workdir / "checkpoints"
+    cmd = ["unshare", "-rm", "sh", "-c", f'mount --bind {d} {d} && mount -o remount,bind,ro {d} && exec "$@"', "sh",
+           *cmd]
+  else:
+    cmd = AS_NOBODY + cmd
+  run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert run.returncode == 0, run.stderr[-3000:]
+  return run.stdout.strip().splitlines()[-1]
+
+
+_FINDS_PACKAGES = "import importlib.util as u; assert u.find_spec('cvvae_jax.train') and u.find_spec('orbax')"
+
+
+def _nobody_can_run_python(workdir) -> str | None:
+  """None when a process running as nobody can start this Python and read the repository, else why not."""
+  if shutil.which("setpriv") is None:
+    return "no setpriv command on this machine"
+  probe = subprocess.run(AS_NOBODY + [sys.executable, "-c", _FINDS_PACKAGES], cwd=ROOT, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": ROOT, "HOME": str(workdir)}, timeout=120,
+                         check=False)
+  return None if probe.returncode == 0 else f"nobody cannot run {sys.executable} here: {probe.stderr.strip()[-300:]}"
+
+
 def test_save_into_a_read_only_folder_is_one_clear_error(tmp_path):
-  if os.geteuid() == 0:
-    pytest.skip("running as root: file permissions do not stop root from writing")
-  _save(tmp_path, [1])
-  os.chmod(tmp_path / "checkpoints", 0o555)
-  manager = checkpoint.CheckpointManager(str(tmp_path), enable_async_checkpointing=False)
+  """The checkpoints folder made read-only (mode 555): as root, whom modes do not stop, the save runs as nobody in
+  a subprocess (or, where that cannot run, inside `unshare -rm` on a read-only bind mount of the folder)."""
+  if os.geteuid() != 0:
+    _save(tmp_path, [1])
+    os.chmod(tmp_path / "checkpoints", 0o555)
+    manager = checkpoint.CheckpointManager(str(tmp_path), enable_async_checkpointing=False)
+    try:
+      with pytest.raises(checkpoint.CheckpointSaveError,
+                         match=r"step 2 failed: permission denied .*the last good checkpoint is step 1"):
+        manager.save(2, _state(2), checkpoint.make_meta(), force=True)
+    finally:
+      os.chmod(tmp_path / "checkpoints", 0o755)
+      manager.close()
+    return
+  workdir = epath.Path(tempfile.mkdtemp(prefix="cvvae_ro_"))  # not under tmp_path: nobody must reach it
   try:
-    with pytest.raises(checkpoint.CheckpointSaveError,
-                       match=r"step 2 failed: permission denied .*the last good checkpoint is step 1"):
-      manager.save(2, _state(2), checkpoint.make_meta(), force=True)
+    _save(workdir, [1])
+    os.chmod(workdir, 0o755)
+    os.chown(workdir, 65534, 65534)  # nobody's home (HOME) and its workdir; the checkpoints folder stays root's
+    os.chmod(workdir / "checkpoints", 0o555)
+    why = _nobody_can_run_python(workdir)
+    if why is None:
+      line = _save_step_2_elsewhere(workdir, "nobody")
+      want = r"step 2 failed: permission denied \(.*\); the last good checkpoint is step 1 in .*; make the workdir"
+    elif _can_unshare() is None:
+      line = _save_step_2_elsewhere(workdir, "ro_mount")
+      want = r"step 2 failed: the file system is read-only \(.*\); the last good checkpoint is step 1 in .*; remount"
+    else:
+      pytest.skip(f"running as root, whom file modes do not stop, and neither works here: {why}; {_can_unshare()}")
+    assert re.match(r"CheckpointSaveError: saving checkpoint " + want, line), line
+    os.chmod(workdir / "checkpoints", 0o755)
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1"]
   finally:
-    os.chmod(tmp_path / "checkpoints", 0o755)
-    manager.close()
+    os.chmod(workdir / "checkpoints", 0o755)
+    shutil.rmtree(workdir)
 
 
 @pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
@@ -182,6 +256,7 @@ def test_describe_fault_names_the_usual_save_faults():
   assert integrity.describe_fault(OSError(28, "No space left on device"))[0] == "no space left on the device"
   assert integrity.describe_fault(ValueError("RESOURCE_EXHAUSTED: writing x"))[0] == "no space left on the device"
   assert integrity.describe_fault(PermissionError(13, "Permission denied"))[0] == "permission denied"
+  assert integrity.describe_fault(OSError(30, "Read-only file system"))[0] == "the file system is read-only"
   what, _, transient = integrity.describe_fault(ValueError("UNAVAILABLE: 503 backend"))
   assert what == "the storage is unavailable" and transient
 
@@ -317,46 +392,6 @@ def _losses(history):
   return {k: v for k, v in history.items() if k in LOSSES}
 
 
-def _fallback_case(workdir):
-  """Trains 4 steps, truncates the largest array file of step 4, runs the same command again."""
-  rc, _ = _train(workdir)
-  assert rc == 0
-  before = _history(workdir)
-  step4 = epath.Path(workdir) / "checkpoints" / "4"
-  victim = _array_files(step4)[0]
-  rel = os.path.relpath(victim, os.fspath(step4))
-  _truncate(victim, 1000)
-  rc, lines = _train(workdir)
-  assert rc == 0
-  assert any("skipped checkpoint step 4" in line and rel in line and "moved it aside" in line for line in lines)
-  assert any("resumed from" in line and "at step 2" in line for line in lines)
-  after = _history(workdir)
-  # Steps 3 and 4 ran again from step 2: the losses of the uninterrupted run, bit for bit, each step once.
-  assert _losses(after) == _losses(before) and [s for s, _ in after["loss/total"]] == [1, 3]
-  (event,) = after[records.CHECKPOINT_FALLBACK]
-  assert event[0] == 2 and [(e["step"], e["moved_to"]) for e in event[1]] == [(4, "4.corrupt")]
-  assert rel in event[1][0]["error"] and "1000 bytes" in event[1][0]["error"]
-  names = sorted(p.name for p in (epath.Path(workdir) / "checkpoints").iterdir())
-  assert names == ["2", "4", "4.corrupt"]
-  rows = {r["name"]: r for r in verify.check_workdir(str(workdir))}
-  assert rows["4"]["ok"] and rows["4"]["restores"] and rows["2"]["ok"]
-  assert rows["4.corrupt"]["status"].startswith("moved aside")
-  assert integrity.verify_step(epath.Path(workdir) / "checkpoints" / "4") is not None
-  with pytest.raises(integrity.CheckpointIntegrityError, match=rel):
-    integrity.verify_step(epath.Path(workdir) / "checkpoints" / "4.corrupt")
-
-
-@pytest.mark.slow
-def test_train_py_falls_back_past_a_truncated_latest_step(tmp_path):
-  _fallback_case(tmp_path / "run")
-
-
-@pytest.mark.slow
-def test_train_py_on_gcs_falls_back_past_a_truncated_latest_step(gcs_server):
-  _fallback_case(gcs_server.bucket("faults") + "/run")
-  assert "run/checkpoints/4.corrupt/commit_success.txt" in gcs_server.objects("faults", "run/")
-
-
 def _can_unshare() -> str | None:
   """None when `unshare -rm` can mount a tmpfs here, else why not."""
   if shutil.which("unshare") is None:
@@ -366,12 +401,17 @@ def _can_unshare() -> str | None:
   return None if probe.returncode == 0 else f"unshare -rm cannot mount a tmpfs here: {probe.stderr.strip()}"
 
 
-@pytest.mark.slow
-def test_train_py_on_a_full_disk_stops_with_one_line_and_resumes_after_space_is_freed(tmp_path):
+@pytest.fixture(scope="module")
+def full_disk(tmp_path_factory):
+  """`python train.py` (4 steps) in a workdir on a small tmpfs that fills during the save of step 4, then the same
+  command after space was freed; inside `unshare -rm`, so no mount outlives it. The folder of its outputs
+  (`full.log`/`.rc`, `after_full/`, `freed.log`/`.rc`, `after_freed/`: the workdir after each run), or the reason
+  why it cannot run here (a str)."""
   why = _can_unshare()
   if why:
-    pytest.skip(why)
-  mnt, out = tmp_path / "mnt", tmp_path / "out"
+    return why
+  d = tmp_path_factory.mktemp("full_disk")
+  mnt, out = d / "mnt", d / "out"
   mnt.mkdir()
   out.mkdir()
   run = " ".join(_train_cmd(mnt / "run", 4))
@@ -387,6 +427,78 @@ def test_train_py_on_a_full_disk_stops_with_one_line_and_resumes_after_space_is_
   """
   subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, env={**os.environ, **ONE_DEVICE}, timeout=900,
                  check=True)
+  return out
+
+
+@pytest.fixture(scope="module")
+def trained(full_disk, tmp_path_factory):
+  """A workdir written by `python train.py` (4 steps) with checkpoints 2 and 4 and its history: the full-disk run's
+  once space was freed (steps 3 and 4 ran again from step 2 there), which saves a run of its own, or, where that
+  could not run or did not finish, a plain 4-step run."""
+  if not isinstance(full_disk, str) and (full_disk / "freed.rc").read_text().strip() == "0":
+    return full_disk / "after_freed"
+  workdir = tmp_path_factory.mktemp("trained") / "run"
+  rc, _ = _train(workdir)
+  assert rc == 0
+  return workdir
+
+
+def _fallback_case(trained, workdir, copy):
+  """`copy(trained, workdir)`, truncates the largest array file of step 4, runs the same command again."""
+  before = _history(trained)
+  copy(trained, workdir)
+  step4 = epath.Path(workdir) / "checkpoints" / "4"
+  victim = _array_files(step4)[0]
+  rel = os.path.relpath(victim, os.fspath(step4))
+  _truncate(victim, 1000)
+  rc, lines = _train(workdir)
+  assert rc == 0
+  assert any("skipped checkpoint step 4" in line and rel in line and "moved it aside" in line for line in lines)
+  assert any("resumed from" in line and "at step 2" in line for line in lines)
+  after = _history(workdir)
+  # Steps 3 and 4 ran again from step 2: the losses the copied run had, bit for bit, each step once.
+  assert _losses(after) == _losses(before) and [s for s, _ in after["loss/total"]] == [1, 3]
+  (event,) = after[records.CHECKPOINT_FALLBACK]
+  assert event[0] == 2 and [(e["step"], e["moved_to"]) for e in event[1]] == [(4, "4.corrupt")]
+  assert rel in event[1][0]["error"] and "1000 bytes" in event[1][0]["error"]
+  names = sorted(p.name for p in (epath.Path(workdir) / "checkpoints").iterdir())
+  assert names == ["2", "4", "4.corrupt"]
+  rows = {r["name"]: r for r in verify.check_workdir(str(workdir))}
+  assert rows["4"]["ok"] and rows["4"]["restores"] and rows["2"]["ok"]
+  assert rows["4.corrupt"]["status"].startswith("moved aside")
+  assert integrity.verify_step(epath.Path(workdir) / "checkpoints" / "4") is not None
+  with pytest.raises(integrity.CheckpointIntegrityError, match=rel):
+    integrity.verify_step(epath.Path(workdir) / "checkpoints" / "4.corrupt")
+
+
+def _upload(gcs_server, bucket):
+  def copy(src, dst):
+    prefix = dst[len(f"gs://{bucket}/"):]
+    for d, _, names in os.walk(src):
+      for n in names:
+        path = os.path.join(d, n)
+        with open(path, "rb") as f:
+          gcs_server.upload(bucket, f"{prefix}/{os.path.relpath(path, src)}", f.read())
+  return copy
+
+
+@pytest.mark.slow
+def test_train_py_falls_back_past_a_truncated_latest_step(trained, tmp_path):
+  _fallback_case(trained, tmp_path / "run", shutil.copytree)
+
+
+@pytest.mark.slow
+def test_train_py_on_gcs_falls_back_past_a_truncated_latest_step(trained, gcs_server):
+  """The same on a copy of the workdir on the GCS server: the restart reads, moves aside and saves on gs://."""
+  _fallback_case(trained, gcs_server.bucket("faults") + "/run", _upload(gcs_server, "faults"))
+  assert "run/checkpoints/4.corrupt/commit_success.txt" in gcs_server.objects("faults", "run/")
+
+
+@pytest.mark.slow
+def test_train_py_on_a_full_disk_stops_with_one_line_and_resumes_after_space_is_freed(full_disk):
+  if isinstance(full_disk, str):
+    pytest.skip(full_disk)
+  out = full_disk
   full = (out / "full.log").read_text().splitlines()
   print("\n".join(full[-40:]))
   assert (out / "full.rc").read_text().strip() == "1"
