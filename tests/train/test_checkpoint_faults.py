@@ -4,9 +4,12 @@
 Default suite (seconds): a small state saved by `CheckpointManager` in a real local folder, then damaged on disk (a
 byte flipped, a file truncated): checksums catch it, `restore_latest` falls back and moves the step aside, keep-N
 spares the restored step, nothing restoring is an error listing each step; a save into a read-only folder is one
-clear `CheckpointSaveError`. Slow: `python train.py` (the command a user restarts) on real workdirs: a truncated array
-file of the latest step, locally and on the local GCS-API server; a small tmpfs that fills during a save (inside
-`unshare -rm`, so no mount outlives the test), then the same command after space was freed.
+clear `CheckpointSaveError` (as root: in a subprocess running as nobody, else on a read-only bind mount); saves on
+the GCS server through a proxy that answers 503 (tests/gcs_proxy.py) are retried until the outage ends, and an
+outage that outlasts the retries is one clear error. Slow: `python train.py` (the command a user restarts), 4 runs
+in all: a workdir on a small tmpfs that fills during a save (inside `unshare -rm`, so no mount outlives the test),
+then the same command after space was freed; that workdir, copied locally and onto the local GCS-API server, with a
+truncated array file of its latest step, restarted on each.
 """
 from __future__ import annotations
 
