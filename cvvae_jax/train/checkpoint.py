@@ -207,6 +207,8 @@ class CheckpointManager(CheckpointReader):
     args = ocp.args.Composite(**{STATE: ocp.args.PyTreeSave(state), META: ocp.args.JsonSave(dict(meta))})
     for attempt in range(self.retries + 1):
       try:
+        if attempt:
+          self._remove_partial(step)  # on the storage that just failed: inside the retries
         started = self.manager.save(step, args=args, force=force)
         break
       except Exception as e:  # pylint: disable=broad-except
@@ -215,9 +217,8 @@ class CheckpointManager(CheckpointReader):
         if not transient or attempt == self.retries:
           raise self._save_error(step, e) from e
         delay = self.retry_delay_s * 2 ** attempt
-        log.warning("saving checkpoint step %d failed (%s: %s); retrying in %.0f s (%d/%d)", step, what,
+        log.warning("saving checkpoint step %d failed (%s: %s); retrying in %.1f s (%d/%d)", step, what,
                     integrity.first_line(e), delay, attempt + 1, self.retries)
-        self._remove_partial(step)
         time.sleep(delay)
     if started:
       self._pending = step
@@ -250,7 +251,10 @@ class CheckpointManager(CheckpointReader):
   def _save_error(self, step: int | None, error: BaseException) -> CheckpointSaveError:
     integrity.save_failed()
     what, todo, _ = integrity.describe_fault(error)
-    good = self.last_good_step()
+    try:
+      good = self.last_good_step()
+    except Exception:  # pylint: disable=broad-except  # the storage is down: the newest step known committed
+      good = max((s for s in self.manager.all_steps() if s not in (step, self._pending)), default=None)
     last = (f"the last good checkpoint is step {good} in {self.directory} (a restart resumes from it)"
             if good is not None else f"no checkpoint was saved yet in {self.directory}")
     return CheckpointSaveError(f"saving checkpoint step {step} failed: {what} ({integrity.first_line(error, 160)}); "
@@ -269,8 +273,8 @@ class CheckpointManager(CheckpointReader):
     delete on success); re-read the committed steps from disk."""
     try:
       self.manager.reload()
-    except Exception:  # pylint: disable=broad-except
-      log.exception("could not re-read the checkpoint steps in %s", self.directory)
+    except Exception as e:  # pylint: disable=broad-except
+      log.warning("could not re-read the checkpoint steps in %s: %s", self.directory, integrity.first_line(e))
 
   # ---------------------------------------------------------------------------------------- restoring
 

@@ -3,7 +3,8 @@ r"""Train CV-VAE (or the SD image VAE): `cvvae-train --config configs/cvvae.py[:
 (or `python train.py ...`). Any config field can be overridden: `--config.train.num_steps=1000
 --config.image_vae.path=/weights/sd21_vae`. The workdir's latest checkpoint is resumed automatically;
 `cvvae_jax.load_pretrained(DIR)` loads its params and `cvvae-convert DIR OUT --to torch` exports them in the original
-PyTorch layout. A config or data error ends the run with one line `error: ...` (CVVAE_DEBUG=1: the traceback).
+PyTorch layout. `--compilation_cache DIR` keeps compiled programs for later runs (JAX's persistent cache). A config or
+data error ends the run with one line `error: ...` (CVVAE_DEBUG=1: the traceback).
 """
 import logging as std_logging
 import os
@@ -21,6 +22,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/cvvae.py or configs/image_vae.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and pictures.")
+flags.DEFINE_string("compilation_cache", None, "Directory of JAX's persistent compilation cache: a later run of the "
+                    "same program (a restart, the next run) loads its compiled steps instead of compiling them again "
+                    "(default: $JAX_COMPILATION_CACHE_DIR, else none).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -41,6 +45,8 @@ def _main(argv) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   std_logging.getLogger("absl").addFilter(_QuietLibraries())
   cli.quiet_io_logs()  # gcsfs / fsspec: INFO per file read on a bucket
+  if FLAGS.compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
   distributed.initialize()
   if jax.process_index() > 0:
     logging.set_verbosity(logging.WARNING)  # INFO logs from process 0 only; warnings and errors from all
@@ -56,7 +62,8 @@ def _main(argv) -> None:
 
 def main() -> None:
   """The `cvvae-train` entry point (also `python train.py`)."""
-  for name in ("config", "workdir"):  # shown by --help, which describes the flags of the script that runs
+  # Shown by --help, which describes the flags of the script that runs.
+  for name in ("config", "workdir", "compilation_cache"):
     FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
   app.run(_main)
 

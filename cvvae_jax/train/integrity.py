@@ -156,14 +156,17 @@ def is_moved_aside(name: str) -> bool:
 _FAULTS = (
     (("no space left", "enospc", "resource_exhausted", "quota exceeded", "disk quota"),
      "no space left on the device", "free space (or raise the quota) and run the same command again", False),
-    (("permission denied", "eacces", "permission_denied", "403", "forbidden", "read-only file system", "erofs"),
+    (("permission denied", "eacces", "permission_denied", "403", "forbidden"),
      "permission denied", "make the workdir writable for this user and run the same command again", False),
+    (("read-only file system", "erofs"),
+     "the file system is read-only", "remount it writable (or use another workdir) and run the same command again",
+     False),
     (("unavailable", "503", "502", "500 internal", "429", "too many requests", "deadline_exceeded", "timed out",
       "timeout", "connection refused", "connection reset", "cannot connect", "server disconnected",
       "clientconnectorerror", "temporarily"),
      "the storage is unavailable", "check the bucket or network and run the same command again", True),
 )
-_ERRNOS = {errno.ENOSPC: 0, errno.EDQUOT: 0, errno.EACCES: 1, errno.EPERM: 1, errno.EROFS: 1}
+_ERRNOS = {errno.ENOSPC: 0, errno.EDQUOT: 0, errno.EACCES: 1, errno.EPERM: 1, errno.EROFS: 2}
 
 
 def describe_fault(error: BaseException) -> tuple[str, str, bool]:

@@ -4,18 +4,26 @@
 Default suite (seconds): a small state saved by `CheckpointManager` in a real local folder, then damaged on disk (a
 byte flipped, a file truncated): checksums catch it, `restore_latest` falls back and moves the step aside, keep-N
 spares the restored step, nothing restoring is an error listing each step; a save into a read-only folder is one
-clear `CheckpointSaveError`. Slow: `python train.py` (the command a user restarts) on real workdirs: a truncated array
-file of the latest step, locally and on the local GCS-API server; a small tmpfs that fills during a save (inside
-`unshare -rm`, so no mount outlives the test), then the same command after space was freed.
+clear `CheckpointSaveError` (as root: in a subprocess running as nobody, else on a read-only bind mount); saves on
+the GCS server through a proxy that answers 503 (tests/gcs_proxy.py) are retried until the outage ends, and an
+outage that outlasts the retries is one clear error. Slow: `python train.py` (the command a user restarts), 4 runs
+in all: a workdir on a small tmpfs that fills during a save (inside `unshare -rm`, so no mount outlives the test),
+then the same command after space was freed; that workdir, copied locally and onto the local GCS-API server, with a
+truncated array file of its latest step, restarted on each.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +31,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from etils import epath
+from gcsfs import retry as gcsfs_retry
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 from cvvae_jax.train import checkpoint, integrity, records, verify
+from tests import gcs_proxy
 from tests.train.test_multihost import CONFIG, ROOT
 
 
@@ -131,19 +142,91 @@ def test_history_records_the_fallback(tmp_path):
   assert saved[records.CHECKPOINT_FALLBACK] == [[2, [{"step": 4, "error": "x", "moved_to": "4.corrupt"}]]]
 
 
+# The save of step 2 into WORKDIR (step 1 saved there already), in its own process: prints the error line.
+_SAVE_STEP_2 = """
+import sys
+import jax.numpy as jnp
+from cvvae_jax.train import checkpoint
+state = {"params": {"w": jnp.full((64, 64), 2.0), "b": jnp.arange(512.0) + 2}, "step": jnp.asarray(2, jnp.int32)}
+manager = checkpoint.CheckpointManager(sys.argv[1], enable_async_checkpointing=False)
+try:
+  manager.save(2, state, checkpoint.make_meta(), force=True)
+  print("saved")
+except checkpoint.CheckpointSaveError as e:
+  print(f"CheckpointSaveError: {e}")
+manager.close()
+"""
+
+
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]  # for whom file modes count
+
+
+def _save_step_2_elsewhere(workdir, how: str) -> str:
+  """Runs `_SAVE_STEP_2` on `workdir` as nobody (`how="nobody"`) or inside `unshare -rm` with the workdir's
+  checkpoints folder bind-mounted read-only (`how="ro_mount"`); its last output line."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # root's cache: not for nobody
+  env.update(ONE_DEVICE, HOME=str(workdir))
+  cmd = [sys.executable, "-c", _SAVE_STEP_2, str(workdir)]
+  if how == "ro_mount":
+    d = workdir / "checkpoints"
+    cmd = ["unshare", "-rm", "sh", "-c", f'mount --bind {d} {d} && mount -o remount,bind,ro {d} && exec "$@"', "sh",
+           *cmd]
+  else:
+    cmd = AS_NOBODY + cmd
+  run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert run.returncode == 0, run.stderr[-3000:]
+  return run.stdout.strip().splitlines()[-1]
+
+
+_FINDS_PACKAGES = "import importlib.util as u; assert u.find_spec('cvvae_jax.train') and u.find_spec('orbax')"
+
+
+def _nobody_can_run_python(workdir) -> str | None:
+  """None when a process running as nobody can start this Python and read the repository, else why not."""
+  if shutil.which("setpriv") is None:
+    return "no setpriv command on this machine"
+  probe = subprocess.run(AS_NOBODY + [sys.executable, "-c", _FINDS_PACKAGES], cwd=ROOT, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": ROOT, "HOME": str(workdir)}, timeout=120,
+                         check=False)
+  return None if probe.returncode == 0 else f"nobody cannot run {sys.executable} here: {probe.stderr.strip()[-300:]}"
+
+
 def test_save_into_a_read_only_folder_is_one_clear_error(tmp_path):
-  if os.geteuid() == 0:
-    pytest.skip("running as root: file permissions do not stop root from writing")
-  _save(tmp_path, [1])
-  os.chmod(tmp_path / "checkpoints", 0o555)
-  manager = checkpoint.CheckpointManager(str(tmp_path), enable_async_checkpointing=False)
+  """The checkpoints folder made read-only (mode 555): as root, whom modes do not stop, the save runs as nobody in
+  a subprocess (or, where that cannot run, inside `unshare -rm` on a read-only bind mount of the folder)."""
+  if os.geteuid() != 0:
+    _save(tmp_path, [1])
+    os.chmod(tmp_path / "checkpoints", 0o555)
+    manager = checkpoint.CheckpointManager(str(tmp_path), enable_async_checkpointing=False)
+    try:
+      with pytest.raises(checkpoint.CheckpointSaveError,
+                         match=r"step 2 failed: permission denied .*the last good checkpoint is step 1"):
+        manager.save(2, _state(2), checkpoint.make_meta(), force=True)
+    finally:
+      os.chmod(tmp_path / "checkpoints", 0o755)
+      manager.close()
+    return
+  workdir = epath.Path(tempfile.mkdtemp(prefix="cvvae_ro_"))  # not under tmp_path: nobody must reach it
   try:
-    with pytest.raises(checkpoint.CheckpointSaveError,
-                       match=r"step 2 failed: permission denied .*the last good checkpoint is step 1"):
-      manager.save(2, _state(2), checkpoint.make_meta(), force=True)
+    _save(workdir, [1])
+    os.chmod(workdir, 0o755)
+    os.chown(workdir, 65534, 65534)  # nobody's home (HOME) and its workdir; the checkpoints folder stays root's
+    os.chmod(workdir / "checkpoints", 0o555)
+    why = _nobody_can_run_python(workdir)
+    if why is None:
+      line = _save_step_2_elsewhere(workdir, "nobody")
+      want = r"step 2 failed: permission denied \(.*\); the last good checkpoint is step 1 in .*; make the workdir"
+    elif _can_unshare() is None:
+      line = _save_step_2_elsewhere(workdir, "ro_mount")
+      want = r"step 2 failed: the file system is read-only \(.*\); the last good checkpoint is step 1 in .*; remount"
+    else:
+      pytest.skip(f"running as root, whom file modes do not stop, and neither works here: {why}; {_can_unshare()}")
+    assert re.match(r"CheckpointSaveError: saving checkpoint " + want, line), line
+    os.chmod(workdir / "checkpoints", 0o755)
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1"]
   finally:
-    os.chmod(tmp_path / "checkpoints", 0o755)
-    manager.close()
+    os.chmod(workdir / "checkpoints", 0o755)
+    shutil.rmtree(workdir)
 
 
 @pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
@@ -176,8 +259,88 @@ def test_describe_fault_names_the_usual_save_faults():
   assert integrity.describe_fault(OSError(28, "No space left on device"))[0] == "no space left on the device"
   assert integrity.describe_fault(ValueError("RESOURCE_EXHAUSTED: writing x"))[0] == "no space left on the device"
   assert integrity.describe_fault(PermissionError(13, "Permission denied"))[0] == "permission denied"
+  assert integrity.describe_fault(OSError(30, "Read-only file system"))[0] == "the file system is read-only"
   what, _, transient = integrity.describe_fault(ValueError("UNAVAILABLE: 503 backend"))
   assert what == "the storage is unavailable" and transient
+
+
+@pytest.fixture
+def outage(gcs_server, monkeypatch):
+  """A `gcs_proxy.FaultyProxy` in front of the GCS server, with gcsfs (Orbax's metadata files, our checksums) and
+  TensorStore (the array data) pointed at it; both libraries' own retries are kept but made quick (gcsfs: its 6
+  tries, each backoff cut to 10 ms; TensorStore: 2 retries of 10-20 ms), so that an outage reaches the manager in
+  milliseconds instead of after their minute of backoff. The manager's own backoff sleeps are recorded, not slept."""
+  proxy = gcs_proxy.FaultyProxy(gcs_server.url)
+  proxy.start()
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)     # gcsfs reads it per request
+  monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", proxy.url)  # TensorStore per kvstore it opens
+  sleep = asyncio.sleep
+  monkeypatch.setattr(gcsfs_retry, "asyncio", types.SimpleNamespace(sleep=lambda s: sleep(min(s, 0.01))))
+  monkeypatch.setitem(ts_utils._DEFAULT_OCDBT_TS_CONTEXT, "gcs_request_retries",
+                      {"max_retries": 2, "initial_delay": "10ms", "max_delay": "20ms"})
+  proxy.backoffs = []
+  yield proxy
+  proxy.fail_for(0)
+  proxy.stop()
+
+
+def _end_outage_at_backoff(proxy, n):
+  """A stand-in for the manager's `time.sleep` that records each backoff and ends `proxy`'s outage at the `n`-th."""
+  def sleep(seconds):
+    proxy.backoffs.append(seconds)
+    if len(proxy.backoffs) == n:
+      proxy.fail_for(0)
+  return types.SimpleNamespace(sleep=sleep)
+
+
+def test_save_retries_through_a_storage_outage_and_a_persistent_one_is_one_clear_error(outage, gcs_server, caplog,
+                                                                                        monkeypatch):
+  workdir = gcs_server.bucket("outage") + "/run"
+  manager = checkpoint.CheckpointManager(workdir, enable_async_checkpointing=False, retries=3, retry_delay_s=0.5)
+  manager.save(1, _state(1), checkpoint.make_meta(), force=True)
+  assert outage.forwarded > 0 and outage.failed == 0
+  # Every request fails (503) from the save's start until the manager's second backoff: two attempts fail, each
+  # after gcsfs / TensorStore gave up, and the third saves the step.
+  monkeypatch.setattr(checkpoint, "time", _end_outage_at_backoff(outage, 2))
+  caplog.set_level(logging.WARNING, logger=checkpoint.__name__)
+  outage.fail_for(None)
+  assert manager.save(2, _state(2), checkpoint.make_meta(data_state={"step": 2}), force=True)
+  retried = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+  assert len(retried) == 2 and all(m.startswith("saving checkpoint step 2 failed (the storage is unavailable: ")
+                                   for m in retried), retried
+  assert outage.backoffs == [0.5, 1.0] and outage.failed > 0
+  assert manager.all_steps() == [1, 2]
+  assert integrity.verify_step(epath.Path(workdir) / "checkpoints" / "2") is not None
+  state, meta = manager.restore(2, _abstract())
+  np.testing.assert_array_equal(state["params"]["w"], np.full((64, 64), 2.0))
+  assert meta["data"] == {"step": 2}
+  assert outage.failed_agents.get("python-gcsfs") and "tensorstore" in outage.forwarded_agents
+  # Only TensorStore's requests (the array data) fail, until the first backoff: the save fails inside TensorStore.
+  outage.backoffs.clear()
+  caplog.clear()
+  monkeypatch.setattr(checkpoint, "time", _end_outage_at_backoff(outage, 1))
+  outage.fail_for(None, only="tensorstore")
+  assert manager.save(3, _state(3), checkpoint.make_meta(), force=True)
+  retried = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+  assert len(retried) == 1 and "the storage is unavailable" in retried[0] and outage.failed_agents.get("tensorstore")
+  assert manager.all_steps() == [1, 2, 3] and integrity.verify_step(epath.Path(workdir) / "checkpoints" / "3")
+  # An outage that outlasts the retries: one line, after 3 retries, naming the step and the last good one.
+  outage.backoffs.clear()
+  monkeypatch.setattr(checkpoint, "time", _end_outage_at_backoff(outage, None))
+  outage.fail_for(None)
+  failed_before = outage.failed
+  with pytest.raises(checkpoint.CheckpointSaveError) as error:
+    manager.save(4, _state(4), checkpoint.make_meta(), force=True)
+  assert outage.backoffs == [0.5, 1.0, 2.0] and outage.failed > failed_before
+  message = str(error.value)
+  assert "\n" not in message and message.startswith("saving checkpoint step 4 failed: the storage is unavailable (")
+  assert f"the last good checkpoint is step 3 in {workdir}/checkpoints" in message
+  assert message.endswith("check the bucket or network and run the same command again")
+  outage.fail_for(0)
+  manager.close()
+  reader = checkpoint.CheckpointManager(workdir, read_only=True)
+  assert reader.all_steps() == [1, 2, 3]
+  reader.close()
 
 
 def test_verify_reports_ok_corrupt_unverified_and_moved_aside(tmp_path, capsys):
@@ -232,46 +395,6 @@ def _losses(history):
   return {k: v for k, v in history.items() if k in LOSSES}
 
 
-def _fallback_case(workdir):
-  """Trains 4 steps, truncates the largest array file of step 4, runs the same command again."""
-  rc, _ = _train(workdir)
-  assert rc == 0
-  before = _history(workdir)
-  step4 = epath.Path(workdir) / "checkpoints" / "4"
-  victim = _array_files(step4)[0]
-  rel = os.path.relpath(victim, os.fspath(step4))
-  _truncate(victim, 1000)
-  rc, lines = _train(workdir)
-  assert rc == 0
-  assert any("skipped checkpoint step 4" in line and rel in line and "moved it aside" in line for line in lines)
-  assert any("resumed from" in line and "at step 2" in line for line in lines)
-  after = _history(workdir)
-  # Steps 3 and 4 ran again from step 2: the losses of the uninterrupted run, bit for bit, each step once.
-  assert _losses(after) == _losses(before) and [s for s, _ in after["loss/total"]] == [1, 3]
-  (event,) = after[records.CHECKPOINT_FALLBACK]
-  assert event[0] == 2 and [(e["step"], e["moved_to"]) for e in event[1]] == [(4, "4.corrupt")]
-  assert rel in event[1][0]["error"] and "1000 bytes" in event[1][0]["error"]
-  names = sorted(p.name for p in (epath.Path(workdir) / "checkpoints").iterdir())
-  assert names == ["2", "4", "4.corrupt"]
-  rows = {r["name"]: r for r in verify.check_workdir(str(workdir))}
-  assert rows["4"]["ok"] and rows["4"]["restores"] and rows["2"]["ok"]
-  assert rows["4.corrupt"]["status"].startswith("moved aside")
-  assert integrity.verify_step(epath.Path(workdir) / "checkpoints" / "4") is not None
-  with pytest.raises(integrity.CheckpointIntegrityError, match=rel):
-    integrity.verify_step(epath.Path(workdir) / "checkpoints" / "4.corrupt")
-
-
-@pytest.mark.slow
-def test_train_py_falls_back_past_a_truncated_latest_step(tmp_path):
-  _fallback_case(tmp_path / "run")
-
-
-@pytest.mark.slow
-def test_train_py_on_gcs_falls_back_past_a_truncated_latest_step(gcs_server):
-  _fallback_case(gcs_server.bucket("faults") + "/run")
-  assert "run/checkpoints/4.corrupt/commit_success.txt" in gcs_server.objects("faults", "run/")
-
-
 def _can_unshare() -> str | None:
   """None when `unshare -rm` can mount a tmpfs here, else why not."""
   if shutil.which("unshare") is None:
@@ -281,12 +404,17 @@ def _can_unshare() -> str | None:
   return None if probe.returncode == 0 else f"unshare -rm cannot mount a tmpfs here: {probe.stderr.strip()}"
 
 
-@pytest.mark.slow
-def test_train_py_on_a_full_disk_stops_with_one_line_and_resumes_after_space_is_freed(tmp_path):
+@pytest.fixture(scope="module")
+def full_disk(tmp_path_factory):
+  """`python train.py` (4 steps) in a workdir on a small tmpfs that fills during the save of step 4, then the same
+  command after space was freed; inside `unshare -rm`, so no mount outlives it. The folder of its outputs
+  (`full.log`/`.rc`, `after_full/`, `freed.log`/`.rc`, `after_freed/`: the workdir after each run), or the reason
+  why it cannot run here (a str)."""
   why = _can_unshare()
   if why:
-    pytest.skip(why)
-  mnt, out = tmp_path / "mnt", tmp_path / "out"
+    return why
+  d = tmp_path_factory.mktemp("full_disk")
+  mnt, out = d / "mnt", d / "out"
   mnt.mkdir()
   out.mkdir()
   run = " ".join(_train_cmd(mnt / "run", 4))
@@ -302,6 +430,78 @@ def test_train_py_on_a_full_disk_stops_with_one_line_and_resumes_after_space_is_
   """
   subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, env={**os.environ, **ONE_DEVICE}, timeout=900,
                  check=True)
+  return out
+
+
+@pytest.fixture(scope="module")
+def trained(full_disk, tmp_path_factory):
+  """A workdir written by `python train.py` (4 steps) with checkpoints 2 and 4 and its history: the full-disk run's
+  once space was freed (steps 3 and 4 ran again from step 2 there), which saves a run of its own, or, where that
+  could not run or did not finish, a plain 4-step run."""
+  if not isinstance(full_disk, str) and (full_disk / "freed.rc").read_text().strip() == "0":
+    return full_disk / "after_freed"
+  workdir = tmp_path_factory.mktemp("trained") / "run"
+  rc, _ = _train(workdir)
+  assert rc == 0
+  return workdir
+
+
+def _fallback_case(trained, workdir, copy):
+  """`copy(trained, workdir)`, truncates the largest array file of step 4, runs the same command again."""
+  before = _history(trained)
+  copy(trained, workdir)
+  step4 = epath.Path(workdir) / "checkpoints" / "4"
+  victim = _array_files(step4)[0]
+  rel = os.path.relpath(victim, os.fspath(step4))
+  _truncate(victim, 1000)
+  rc, lines = _train(workdir)
+  assert rc == 0
+  assert any("skipped checkpoint step 4" in line and rel in line and "moved it aside" in line for line in lines)
+  assert any("resumed from" in line and "at step 2" in line for line in lines)
+  after = _history(workdir)
+  # Steps 3 and 4 ran again from step 2: the losses the copied run had, bit for bit, each step once.
+  assert _losses(after) == _losses(before) and [s for s, _ in after["loss/total"]] == [1, 3]
+  (event,) = after[records.CHECKPOINT_FALLBACK]
+  assert event[0] == 2 and [(e["step"], e["moved_to"]) for e in event[1]] == [(4, "4.corrupt")]
+  assert rel in event[1][0]["error"] and "1000 bytes" in event[1][0]["error"]
+  names = sorted(p.name for p in (epath.Path(workdir) / "checkpoints").iterdir())
+  assert names == ["2", "4", "4.corrupt"]
+  rows = {r["name"]: r for r in verify.check_workdir(str(workdir))}
+  assert rows["4"]["ok"] and rows["4"]["restores"] and rows["2"]["ok"]
+  assert rows["4.corrupt"]["status"].startswith("moved aside")
+  assert integrity.verify_step(epath.Path(workdir) / "checkpoints" / "4") is not None
+  with pytest.raises(integrity.CheckpointIntegrityError, match=rel):
+    integrity.verify_step(epath.Path(workdir) / "checkpoints" / "4.corrupt")
+
+
+def _upload(gcs_server, bucket):
+  def copy(src, dst):
+    prefix = dst[len(f"gs://{bucket}/"):]
+    for d, _, names in os.walk(src):
+      for n in names:
+        path = os.path.join(d, n)
+        with open(path, "rb") as f:
+          gcs_server.upload(bucket, f"{prefix}/{os.path.relpath(path, src)}", f.read())
+  return copy
+
+
+@pytest.mark.slow
+def test_train_py_falls_back_past_a_truncated_latest_step(trained, tmp_path):
+  _fallback_case(trained, tmp_path / "run", shutil.copytree)
+
+
+@pytest.mark.slow
+def test_train_py_on_gcs_falls_back_past_a_truncated_latest_step(trained, gcs_server):
+  """The same on a copy of the workdir on the GCS server: the restart reads, moves aside and saves on gs://."""
+  _fallback_case(trained, gcs_server.bucket("faults") + "/run", _upload(gcs_server, "faults"))
+  assert "run/checkpoints/4.corrupt/commit_success.txt" in gcs_server.objects("faults", "run/")
+
+
+@pytest.mark.slow
+def test_train_py_on_a_full_disk_stops_with_one_line_and_resumes_after_space_is_freed(full_disk):
+  if isinstance(full_disk, str):
+    pytest.skip(full_disk)
+  out = full_disk
   full = (out / "full.log").read_text().splitlines()
   print("\n".join(full[-40:]))
   assert (out / "full.rc").read_text().strip() == "1"
