@@ -240,14 +240,16 @@ def params_at_use(tree: Any, mesh: Mesh | None) -> Any:
   splits both the parameters (`mesh.fsdp > 1`) and the height (`mesh.spatial > 1`), else `tree` itself (the program
   is unchanged on every other mesh).
 
-  A workaround for an XLA SPMD partitioner bug (jax/jaxlib 0.10.2, with Shardy and with GSPMD): in the backward pass
-  of a convolution whose kernel is split over `fsdp` on its output channels and whose input is split over `fsdp`
-  (batch) and `spatial` (height), the partitioner may gather the output cotangent over `spatial`, move its batch
-  split to the channels (all-to-all over `fsdp`), contract each device's half of the channels, and then all-reduce
-  the partial input gradient over every device instead of over `fsdp` only: the input gradient comes out
-  `mesh.spatial` times too large, and with it every gradient before that layer (first seen as the discriminator's
-  input gradient inside the adaptive GAN weight, 4x its norm on fsdp=2 x spatial=4). Replicated kernels give the
-  partitioner nothing to split the contraction over. Minimal repro (8 fake CPU devices, mesh (fsdp=2, spatial=4)):
+  A workaround for an XLA SPMD partitioner bug (jax/jaxlib 0.10.2; the 2D repro below fails with Shardy and with
+  GSPMD, its 3D form, as in the models, with Shardy, the default, only): in the backward pass of a convolution whose
+  kernel is split over `fsdp` on its output channels and whose input is split over `fsdp` (batch) and `spatial`
+  (height), the partitioner may gather the output cotangent over `spatial`, move its batch split to the channels
+  (all-to-all over `fsdp`), contract each device's half of the channels, and then all-reduce the partial input
+  gradient over every device instead of over `fsdp` only: the input gradient comes out `mesh.spatial` times too large,
+  and with it every gradient before that layer (first seen in the adaptive GAN weight: on fsdp=2 x spatial=4 the
+  discriminator's input gradient had 32x its norm, several layers compounding, and the weight was 27.7 instead of
+  636). Replicated kernels give the partitioner nothing to split the contraction over. Minimal repro (8 fake CPU
+  devices, mesh (fsdp=2, spatial=4); tests/train/test_spatial.py runs it):
 
       x: [2, 32, 16, 3] P("fsdp", "spatial");  k1: [3, 3, 3, 64] replicated;  k2: [3, 3, 64, 64] P(.., "fsdp")
       loss = mean(tanh(conv(tanh(conv(x, k1, stride 2)), k2, stride 1)));  jax.grad(loss)(x) is 4x the unsplit one
