@@ -9,7 +9,8 @@ The mesh has three axes (`MESH_AXES`):
     GroupNorm's statistics. It is the last (fastest-varying) axis: a spatial group is K consecutive devices, which
     share a host and the fastest links (halos are exchanged at every convolution).
 The batch is split over `data` and `fsdp` (videos `[B, T, H, W, C]` as `P(("data", "fsdp"), None, "spatial")`, images
-`[B, H, W, C]` as `P(("data", "fsdp"), "spatial")`); parameters only over `fsdp` (replicated over `spatial`).
+`[B, H, W, C]` as `P(("data", "fsdp"), "spatial")`); parameters only over `fsdp` (replicated over `spatial`;
+gathered for the step's compute when both `fsdp` and `spatial` split, see `params_at_use`).
 
 Parameter shardings come from one rule table (as big_vision's `sharding.py`): a tuple of
 `(regex, policy)` pairs matched with `re.search` against the '/'-joined path of every leaf, first match
@@ -234,17 +235,42 @@ def activation_sharding(mesh: Mesh, gather_attention: bool = False) -> partition
   return partitioning.ActivationSharding(mesh, BATCH_AXES, SPATIAL_AXIS, gather_attention=gather_attention)
 
 
+def params_at_use(tree: Any, mesh: Mesh | None) -> Any:
+  """`tree` (parameters, any pytree of arrays) as the step's layers take them: gathered (replicated) when the mesh
+  splits both the parameters (`mesh.fsdp > 1`) and the height (`mesh.spatial > 1`), else `tree` itself (the program
+  is unchanged on every other mesh).
+
+  A workaround for an XLA SPMD partitioner bug (jax/jaxlib 0.10.2; the 2D repro below fails with Shardy and with
+  GSPMD, its 3D form, as in the models, with Shardy, the default, only): in the backward pass of a convolution whose
+  kernel is split over `fsdp` on its output channels and whose input is split over `fsdp` (batch) and `spatial`
+  (height), the partitioner may gather the output cotangent over `spatial`, move its batch split to the channels
+  (all-to-all over `fsdp`), contract each device's half of the channels, and then all-reduce the partial input
+  gradient over every device instead of over `fsdp` only: the input gradient comes out `mesh.spatial` times too large,
+  and with it every gradient before that layer (first seen in the adaptive GAN weight: on fsdp=2 x spatial=4 the
+  discriminator's input gradient had 32x its norm, several layers compounding, and the weight was 27.7 instead of
+  636). Replicated kernels give the partitioner nothing to split the contraction over. Minimal repro (8 fake CPU
+  devices, mesh (fsdp=2, spatial=4); tests/train/test_spatial.py runs it):
+
+      x: [2, 32, 16, 3] P("fsdp", "spatial");  k1: [3, 3, 3, 64] replicated;  k2: [3, 3, 64, 64] P(.., "fsdp")
+      loss = mean(tanh(conv(tanh(conv(x, k1, stride 2)), k2, stride 1)));  jax.grad(loss)(x) is 4x the unsplit one
+
+  FSDP gathers every parameter for the compute anyway (XLA inserts the all-gathers either way); this gathers them at
+  the start of the step, so one full copy of the parameters is live per device during the step (their optimizer
+  moments stay split). Gradients through the constraint are reduced back to their shards by the step's output
+  shardings.
+  """
+  if mesh is None or mesh.shape.get(PARAM_AXIS, 1) == 1 or mesh.shape.get(SPATIAL_AXIS, 1) == 1:
+    return tree
+  replicated = NamedSharding(mesh, P())
+  return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, replicated), tree)
+
+
 def check_spatial_size(size: Sequence[int], mesh: Mesh, num_levels: int, field_name: str) -> None:
   """Checks that every level's height of an `(H, W)` input divides over `mesh.spatial` (level i has height
   `H / 2^i`, `num_levels` levels): H must be a multiple of `mesh.spatial * 2^(num_levels - 1)`."""
   k = mesh.shape.get(SPATIAL_AXIS, 1)
   if k == 1:
     return
-  if mesh.shape.get(PARAM_AXIS, 1) > 1:
-    # Measured wrong: with fsdp=2 x spatial=4 every loss term matches the unsplit step but the adaptive GAN weight
-    # (from the gradients at the decoder's conv_out) does not (loss/total 10 % off at step 0). Refused until found.
-    raise ValueError(f"mesh.spatial={k} with mesh.fsdp={mesh.shape[PARAM_AXIS]}: not supported yet (the adaptive GAN "
-                     "weight comes out wrong in that combination); split the batch over mesh.data instead")
   height = int(size[0])
   for level in range(num_levels):
     h = height // 2**level

@@ -66,8 +66,11 @@ def update_for_step(step: int, alternate: bool) -> Update:
 
 
 def train_step(state: TrainState, batch: dict, rng: Array, frozen: dict, *, models: Models,
-               update: Update = Update.BOTH):
+               update: Update = Update.BOTH, mesh: jax.sharding.Mesh | None = None):
   """One training step -> (new state, metrics). Pure; `rng` is the run's root key (folded with the step).
+
+  `mesh` (the jit's, or None): on a mesh that splits both the parameters and the height, the parameters are gathered
+  for the compute (`sharding.params_at_use`, a workaround for an XLA partitioner bug).
 
   `update` is static: the loop calls the generator and discriminator variants on alternate steps (two compiled
   programs; a traced `lax.cond` between them ran 2x slower than both updates together on XLA's CPU backend).
@@ -78,9 +81,12 @@ def train_step(state: TrainState, batch: dict, rng: Array, frozen: dict, *, mode
   x = model_input(models, batch["video"])
   step = state.step
   metrics, finite = {}, jnp.array(True)
+  at_use = lambda tree: sharding.params_at_use(tree, mesh)
+  frozen = at_use(frozen)
 
   if update in (Update.GENERATOR, Update.BOTH):
-    loss_fn = lambda p, xi, ri: generator_objective(p, state.disc_params, frozen, xi, ri, step, models)
+    loss_fn = lambda p, xi, ri: generator_objective(at_use(p), at_use(state.disc_params), frozen, xi, ri, step,
+                                                     models)
     loss, g_metrics, grads = _accumulated_grads(loss_fn, state.params, x, rng_g, models.grad_accum_steps)
     params, opt_state, g_finite = _guarded_update(models.tx, grads, state.opt_state, state.params, loss)
     ema = state.ema_params
@@ -93,7 +99,8 @@ def train_step(state: TrainState, batch: dict, rng: Array, frozen: dict, *, mode
     finite &= g_finite
 
   if update in (Update.DISCRIMINATOR, Update.BOTH):
-    loss_fn = lambda p, xi, ri: discriminator_objective(p, state.params["vae"], xi, ri, step, models)
+    loss_fn = lambda p, xi, ri: discriminator_objective(at_use(p), at_use(state.params["vae"]), xi, ri, step,
+                                                         models)
     loss, d_metrics, grads = _accumulated_grads(loss_fn, state.disc_params, x, rng_d, models.grad_accum_steps)
     disc_params, disc_opt_state, d_finite = _guarded_update(models.disc_tx, grads, state.disc_opt_state,
                                                             state.disc_params, loss)
@@ -121,7 +128,7 @@ class TrainStep:
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch_sh = {"video": sharding.batch_sharding(mesh, 5)}  # [B, T, H, W, 3]: batch and height split
     self._fns = {
-        update: jax.jit(functools.partial(train_step, models=models, update=update),
+        update: jax.jit(functools.partial(train_step, models=models, update=update, mesh=mesh),
                         in_shardings=(state_shardings, batch_sh, replicated, frozen_shardings),
                         out_shardings=(state_shardings, replicated), donate_argnums=(0,))
         for update in Update}
