@@ -182,13 +182,30 @@ def _set_threads(stream, threads: int) -> None:
     stream.thread_count = max(0, threads)  # 0: as many as FFmpeg likes
 
 
+def _decoded_after_seek(container, stream, clock: FrameClock, first_wanted: int, seen: set[int]):
+  """The frames `container.decode(stream)` gives, except that frames before `first_wanted` that no other frame
+  references are not decoded (FFmpeg's `skip_frame="NONREF"`, decided per packet by its own pts: exact). The frame
+  number of every packet demuxed is added to `seen` (None where a pts is off the frame grid)."""
+  context, skip_before = stream.codec_context, clock.pts(first_wanted)
+  try:
+    for packet in container.demux(stream):
+      if packet.pts is not None:
+        seen.add(clock.index(packet.pts))
+      context.skip_frame = "NONREF" if packet.pts is not None and packet.pts < skip_before else "DEFAULT"
+      yield from stream.decode(packet)
+  finally:
+    context.skip_frame = "DEFAULT"
+
+
 def _decode_seeking(data: bytes, indices: list[int], height: int, width: int, threads: int) -> np.ndarray | None:
   """`decode_video_frames` by seeking to the keyframe at or before `indices[0]`; None where that cannot be done
   exactly (no timestamps on the frame grid, variable rate, seek failed), so that the caller decodes from the start.
 
   Frames are identified by their pts; decoding starts at the first keyframe the seek lands on (frames a decoder
   puts out before it, e.g. open-GOP leading B-frames, are not used). If that keyframe is after `indices[0]` (some
-  demuxers seek by decode time), the seek is retried 2, 8 and 32 s earlier.
+  demuxers seek by decode time), the seek is retried 2, 8 and 32 s earlier. Non-reference frames before
+  `indices[0]` are not decoded (`_decoded_after_seek`); the packets' timestamps must still cover every frame number
+  from the keyframe to `indices[-1]` (a constant-rate stream), else None.
   """
   out = np.empty((len(indices), height, width, 3), np.uint8)
   with _open_video(data) as container:
@@ -205,13 +222,13 @@ def _decode_seeking(data: bytes, indices: list[int], height: int, width: int, th
         container.seek(clock.pts(target), stream=stream, backward=True, any_frame=False)
       except (av.FFmpegError, OverflowError, ValueError):
         return None
-      filled, first, previous = 0, None, None
+      filled, first, previous, seen = 0, None, None, set()
       try:
-        for frame in container.decode(stream):
+        for frame in _decoded_after_seek(container, stream, clock, indices[0], seen):
           if first is None and not frame.key_frame:
             continue
           index = clock.index(frame.pts)
-          if index is None or (previous is not None and index != previous + 1):
+          if index is None or (previous is not None and index <= previous) or index > indices[filled]:
             return None  # not a constant-rate stream here: frame numbers only by counting from the start
           if first is None:
             first = index
@@ -222,7 +239,7 @@ def _decode_seeking(data: bytes, indices: list[int], height: int, width: int, th
             out[filled] = _rgb(frame, height, width)
             filled += 1
             if filled == len(indices):
-              return out
+              return out if seen.issuperset(range(first, indices[-1] + 1)) else None
       except av.FFmpegError as e:
         raise BadInput(f"truncated or corrupt: decoding failed after frame {previous} ({e})") from None
       if first is None:
