@@ -27,10 +27,10 @@ def test_group_norm_custom_backward_equals_autodiff(shape):
   norm, variables, x = _norm_and_params(shape)
   ct = jax.random.normal(jax.random.PRNGKey(1), shape)
   p = variables["params"]
-  ref = jax.grad(lambda x, s, b: jnp.sum(norm.apply({"params": {"scale": s, "bias": b}}, x) * ct),
-                 (0, 1, 2))(x, p["scale"], p["bias"])
-  got = jax.grad(lambda x, s, b: jnp.sum(layers.group_norm_low_precision(x, s, b, 8, 1e-5) * ct),
-                 (0, 1, 2))(x, p["scale"], p["bias"])
+  ref = jax.jit(jax.grad(lambda x, s, b: jnp.sum(norm.apply({"params": {"scale": s, "bias": b}}, x) * ct),
+                         (0, 1, 2)))(x, p["scale"], p["bias"])
+  got = jax.jit(jax.grad(lambda x, s, b: jnp.sum(layers.group_norm_low_precision(x, s, b, 8, 1e-5) * ct),
+                         (0, 1, 2)))(x, p["scale"], p["bias"])
   for g, r in zip(got, ref):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(r))))
 
@@ -80,7 +80,8 @@ def test_bf16_conv_backward_runs_in_bf16_and_matches_autodiff(kernel_shape, stri
                                  dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), preferred_element_type=jnp.float32)
     return (y + bias).astype(jnp.bfloat16)
   np.testing.assert_array_equal(ours(x, kernel), jax_default(x, kernel))
-  got, ref = jax.grad(loss(ours), (0, 1))(x, kernel), jax.grad(loss(jax_default), (0, 1))(x, kernel)
+  got = jax.jit(jax.grad(loss(ours), (0, 1)))(x, kernel)
+  ref = jax.jit(jax.grad(loss(jax_default), (0, 1)))(x, kernel)
   # The input gradient: the same products summed in float32, rounded to bf16 once either way.
   np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(ref[0], np.float32), rtol=1e-2,
                              atol=1e-2 * float(jnp.max(jnp.abs(ref[0].astype(jnp.float32)))))
