@@ -12,7 +12,8 @@ full: the paper's run, `configs/cvvae.py:sd21,full` (SD2.1 CV-VAE 128-256-512-51
   pass, gradients, workspace). Each case is compiled in its own process under `--budget_s` (full-size 3D convs take
   minutes for XLA:CPU); a case that runs out of time keeps its FLOPs. Cases: `g_`/`d_` the generator or
   discriminator update, `f32`/`bf16` `config.train.compute_dtype`; `_remat` `config.train.remat="full"` (the
-  policy with the least memory, `models/remat.py`), `_rematblocks` "blocks", `_rematconvs` "full_save_convs";
+  policy with the least memory, `models/remat.py`), `_rematblocks` "blocks", `_rematconvs` "full_save_convs",
+  `_remathalves` "full_halves";
   `_nolpips` / `_noreg` switch LPIPS / the image-decoder regularizer off (what they hold); `--fsdp K`
   compiles on K fake CPU devices with the parameters and optimizer state split over them (`config.mesh.fsdp=K`).
   `img_` cases: the image stream (8 images of 320x320 per device, the released recipe). `_sp<K>`: the trainer's
@@ -73,12 +74,14 @@ def _memory(compiled) -> dict:
 
 # Case words after the dtype: a remat policy (`remat` is the best one for memory, `full`), a spatial split, and
 # loss parts switched off to see what they hold.
-REMAT_WORDS = {"remat": "full", "rematblocks": "blocks", "rematconvs": "full_save_convs"}
+REMAT_WORDS = {"remat": "full", "rematblocks": "blocks", "rematconvs": "full_save_convs",
+               "remathalves": "full_halves"}
 OFF_WORDS = {"nolpips": "perceptual_weight", "noreg": "reg_decoder_weight"}
 
 
 def _parse_case(name: str) -> dict:
-  """`[img_](g|d)_(f32|bf16)[_remat|_rematblocks|_rematconvs][_sp<K>][_nolpips][_noreg]`, e.g. `g_bf16_remat_sp4`."""
+  """`[img_](g|d)_(f32|bf16)[_remat|_rematblocks|_rematconvs|_remathalves][_sp<K>][_nolpips][_noreg]`, e.g.
+  `g_bf16_remat_sp4`."""
   words = name.split("_")
   image = words[0] == "img"
   if image:

@@ -22,7 +22,8 @@ from cvvae_jax.models import layers, partitioning, remat as remat_lib
 from cvvae_jax.models.distributions import DiagonalGaussian
 
 Array = jax.Array
-Remat = bool | str  # a policy of `remat.py` ("none", "blocks", "full", "full_save_convs"; True / False: blocks / none)
+Remat = bool | str  # a policy of `remat.py` ("none", "blocks", "full", "full_save_convs", "full_halves"; True / False:
+#                      blocks / none)
 Sharding = partitioning.ActivationSharding | None  # where activations live on the mesh (None: no constraint)
 
 
@@ -124,7 +125,8 @@ class Tower(nn.Module):
 
   def _block_kw(self) -> dict:
     return dict(style=self.style, half_3d=self.half_3d, num_groups=self.num_groups, epsilon=self.epsilon,
-                dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, conv_impl=self.conv_impl)
+                dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, conv_impl=self.conv_impl,
+                remat=self.remat)
 
   def _resample(self, i: int, temporal: tuple[bool, ...]) -> bool | None:
     """The resampler after level `i`: None after the last level, else whether it also acts on time."""
@@ -204,7 +206,8 @@ class Autoencoder(nn.Module):
   Attributes:
     scaling_factor, shift_factor: the diffusion convention `(z - shift_factor) * scaling_factor`.
     dtype: compute dtype (float32 or bfloat16); param_dtype: of the params (float32); precision: of the convs.
-    remat: the rematerialization policy (`remat.py`): "none", "blocks" (per res block), "full", "full_save_convs".
+    remat: the rematerialization policy (`remat.py`): "none", "blocks" (per res block), "full", "full_save_convs",
+      "full_halves".
     conv_impl: the convolution algorithm, `conv_impl.ConvImpl` by name ("auto": `xla` on TPU/GPU, the CPU forms on
       CPU); upsample_impl: the upsampling convolution's, `UpsampleImpl` ("auto": `subpixel` on CPU, else `xla`).
     activation_sharding: where activations live on a mesh (`partitioning.ActivationSharding`: batch and height

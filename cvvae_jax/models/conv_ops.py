@@ -66,10 +66,44 @@ def _conv_float32(x: Array, kernel: Array, *, strides: tuple[int, ...] | None, p
   if cpu_form and time_taps:
     return _CPU_CONV3D[impl](x.astype(dtype), kernel.astype(dtype), tuple(strides), tuple(time_pad),
                             tuple(conv_pad), precision)
-  return lax.conv_general_dilated(
-      x.astype(dtype), kernel.astype(dtype), window_strides=strides, padding=conv_pad,
-      dimension_numbers=_dimension_numbers(rank), precision=precision,
-      preferred_element_type=jnp.float32)  # accumulate in float32 also for bf16 compute
+  conv = functools.partial(_conv_low_precision_backward if dtype != jnp.float32 else _conv, tuple(strides),
+                           tuple(map(tuple, conv_pad)), _dimension_numbers(rank), precision)
+  return conv(x.astype(dtype), kernel.astype(dtype))  # accumulates in float32 also for bf16 compute
+
+
+def _conv(strides, padding, dimension_numbers, precision, x: Array, kernel: Array) -> Array:
+  """`lax.conv_general_dilated` with a float32 result."""
+  return lax.conv_general_dilated(x, kernel, window_strides=strides, padding=padding,
+                                  dimension_numbers=dimension_numbers, precision=precision,
+                                  preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _conv_low_precision_backward(strides, padding, dimension_numbers, precision, x: Array, kernel: Array) -> Array:
+  """`_conv` of low-precision (bf16) `x` and `kernel` whose backward convolutions also run in that precision.
+
+  JAX differentiates a float32-result convolution of bf16 operands in float32: it upcasts the incoming cotangent's
+  partner operands, so the backward holds float32 copies of the layer's input and of the cotangent. Here the
+  cotangent is rounded to `x.dtype` first; that is exact whenever the float32 result is only rounded to `x.dtype`
+  (`conv_apply`: bias, then the cast), so the input gradient is the same, and the kernel gradient is accumulated
+  in float32 and rounded once to `x.dtype`.
+  """
+  return _conv(strides, padding, dimension_numbers, precision, x, kernel)
+
+
+def _conv_lp_fwd(strides, padding, dimension_numbers, precision, x, kernel):
+  return _conv(strides, padding, dimension_numbers, precision, x, kernel), (x, kernel)
+
+
+def _conv_lp_bwd(strides, padding, dimension_numbers, precision, res, g):
+  x, kernel = res
+  low = lambda a, k: lax.conv_general_dilated(a, k, window_strides=strides, padding=padding,
+                                              dimension_numbers=dimension_numbers, precision=precision,
+                                              preferred_element_type=x.dtype)
+  return jax.vjp(low, x, kernel)[1](g.astype(x.dtype))
+
+
+_conv_low_precision_backward.defvjp(_conv_lp_fwd, _conv_lp_bwd)
 
 
 # Nearest-2x upsampling followed by a 3-tap convolution, per output phase p (row 2i + p): phase 0 reads input rows

@@ -12,6 +12,7 @@ every module that holds convolutions.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import einops
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cvvae_jax.models import remat as remat_lib
 from cvvae_jax.models.conv_ops import Pad, conv_apply, upsample_conv_apply
 
 Dtype = Any
@@ -127,7 +129,10 @@ class GroupNorm(nn.Module):
   """GroupNorm over (channels-in-group, *all other non-batch axes*), statistics in float32.
 
   For a video `[B, T, H, W, C]` the statistics span T, H and W jointly (as the original 3D models do); for an
-  image `[B, H, W, C]` they span H and W. Output has the input's dtype.
+  image `[B, H, W, C]` they span H and W. Output has the input's dtype. A float32 input is differentiated by JAX
+  (autodiff keeps float32 copies of the centred input); a lower-precision one (bf16 compute) goes through
+  `group_norm_low_precision`: the same forward, and a backward that keeps only the input and the statistics and
+  rebuilds the normalised values inside fused reductions (no full-size float32 buffer).
   """
 
   num_groups: int = 32
@@ -141,13 +146,75 @@ class GroupNorm(nn.Module):
       raise ValueError(f"{self.name}: channels {c} not divisible by num_groups {self.num_groups}")
     scale = self.param("scale", nn.initializers.ones_init(), (c,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros_init(), (c,), self.param_dtype)
+    if x.dtype != jnp.float32:
+      return group_norm_low_precision(x, scale, bias, self.num_groups, self.epsilon)
     xf = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
-    axes = tuple(range(1, xf.ndim - 2)) + (xf.ndim - 1,)
+    axes = _stat_axes(xf.ndim)
     mean = jnp.mean(xf, axis=axes, keepdims=True)
     centred = xf - mean
     var = jnp.mean(jnp.square(centred), axis=axes, keepdims=True)
     y = (centred * lax.rsqrt(var + self.epsilon)).reshape(x.shape)
     return (y * scale + bias).astype(x.dtype)
+
+
+def _grouped(x: Array, num_groups: int) -> Array:
+  """`[B, *s, C]` -> float32 `[B, *s, G, C / G]`."""
+  return x.astype(jnp.float32).reshape(*x.shape[:-1], num_groups, x.shape[-1] // num_groups)
+
+
+def _stat_axes(ndim: int) -> tuple[int, ...]:
+  """The axes of a grouped `[B, *s, G, C / G]` array that one group's statistics span (all but B and G)."""
+  return tuple(range(1, ndim - 2)) + (ndim - 1,)
+
+
+def _group_stats(x: Array, num_groups: int, epsilon: float) -> tuple[Array, Array]:
+  """Per (batch, group) mean and 1 / std of `x [B, *s, C]`, float32 `[B, 1.., G, 1]`."""
+  xf = _grouped(x, num_groups)
+  axes = _stat_axes(xf.ndim)
+  mean = jnp.mean(xf, axis=axes, keepdims=True)
+  var = jnp.mean(jnp.square(xf - mean), axis=axes, keepdims=True)
+  return mean, lax.rsqrt(var + epsilon)
+
+
+def _group_normalize(x: Array, mean: Array, rstd: Array, scale: Array, bias: Array, num_groups: int) -> Array:
+  y = ((_grouped(x, num_groups) - mean) * rstd).reshape(x.shape)
+  return (y * scale + bias).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_norm_low_precision(x: Array, scale: Array, bias: Array, num_groups: int, epsilon: float) -> Array:
+  """`GroupNorm` of a bf16 (or other low-precision) `x [B, *s, C]` with float32 `scale`, `bias [C]`: statistics and
+  arithmetic in float32, output in `x.dtype`; the backward keeps `x` and the statistics only."""
+  mean, rstd = _group_stats(x, num_groups, epsilon)
+  return _group_normalize(x, mean, rstd, scale, bias, num_groups)
+
+
+def _gn_fwd(x, scale, bias, num_groups, epsilon):
+  mean, rstd = _group_stats(x, num_groups, epsilon)
+  return _group_normalize(x, mean, rstd, scale, bias, num_groups), (x, mean, rstd, scale)
+
+
+def _gn_bwd(num_groups, epsilon, res, g):
+  """Two reductions over the full-size arrays (per batch element and channel: sum(g) and sum(g * xhat)), then
+  one elementwise pass for the input's gradient; xhat = (x - mean) * rstd is recomputed where it is used."""
+  x, mean, rstd, scale = res
+  grouped_shape = (*x.shape[:-1], num_groups, x.shape[-1] // num_groups)
+  axes = tuple(range(1, len(grouped_shape) - 2))  # everything but batch, group, channel-in-group
+  xhat = (_grouped(x, num_groups) - mean) * rstd
+  gf = g.astype(jnp.float32).reshape(grouped_shape)
+  sum_g = jnp.sum(gf, axis=axes, keepdims=True)
+  sum_gxhat = jnp.sum(gf * xhat, axis=axes, keepdims=True)
+  grouped_scale = scale.reshape(grouped_shape[-2:])
+  n = x.size // (x.shape[0] * num_groups)  # elements per (batch element, group)
+  mean_gx = jnp.sum(sum_g * grouped_scale, axis=-1, keepdims=True) / n
+  mean_gx_xhat = jnp.sum(sum_gxhat * grouped_scale, axis=-1, keepdims=True) / n
+  dx = rstd * (gf * grouped_scale - mean_gx - xhat * mean_gx_xhat)
+  d_scale = jnp.sum(sum_gxhat, axis=(0, *axes)).reshape(scale.shape)
+  d_bias = jnp.sum(sum_g, axis=(0, *axes)).reshape(scale.shape)
+  return dx.reshape(x.shape).astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(scale.dtype)
+
+
+group_norm_low_precision.defvjp(_gn_fwd, _gn_bwd)
 
 
 def per_frame(fn: Callable[[Array], Array], x: Array) -> Array:
@@ -251,17 +318,31 @@ class ResBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
   precision: Any = None
   conv_impl: str = "auto"
+  remat: Any = "none"  # a policy of `remat.py`; "full_halves" recomputes the two halves of the block separately
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, conv_impl=self.conv_impl)
+    h = remat_lib.function(ResBlock._first_half, self.remat, "res_halves")(self, x)
+    return remat_lib.function(ResBlock._second_half, self.remat, "res_halves")(self, x, h)
+
+  def _kw(self) -> dict:
+    return dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, conv_impl=self.conv_impl)
+
+  def _norm(self, name: str) -> GroupNorm:
+    return GroupNorm(self.num_groups, self.epsilon, self.param_dtype, name=name)
+
+  def _first_half(self, x: Array) -> Array:
+    """norm1 -> SiLU -> conv1."""
     main_kernel = (3, 3, 3) if self.style.video else (3, 3)
-    norm = lambda name: GroupNorm(self.num_groups, self.epsilon, self.param_dtype, name=name)
-    h = nn.silu(norm("norm1")(x))
-    h = Conv(self.out_channels, main_kernel, padding=self.style.main_padding(), name="conv1", **kw)(h)
-    h = nn.silu(norm("norm2")(h))
+    h = nn.silu(self._norm("norm1")(x))
+    return Conv(self.out_channels, main_kernel, padding=self.style.main_padding(), name="conv1", **self._kw())(h)
+
+  def _second_half(self, x: Array, h: Array) -> Array:
+    """norm2 -> SiLU -> conv2, plus the shortcut of the block's input `x`."""
+    kw = self._kw()
+    h = nn.silu(self._norm("norm2")(h))
     if self.style.video and not self.half_3d:
-      h = Conv(self.out_channels, main_kernel, padding=self.style.main_padding(), name="conv2", **kw)(h)
+      h = Conv(self.out_channels, (3, 3, 3), padding=self.style.main_padding(), name="conv2", **kw)(h)
     else:
       frame_pad = ((1, 1, Pad.ZEROS),) * 2
       h = per_frame(Conv(self.out_channels, (3, 3), padding=frame_pad, name="conv2", **kw), h)

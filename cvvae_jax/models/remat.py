@@ -11,6 +11,9 @@ A policy is a name, set in the config (`config.train.remat`) and handed to the m
                    discriminator's res blocks;
   full_save_convs  as `full`, but each unit keeps its convolution outputs (`jax.checkpoint_policies.dots_saveable`)
                    and recomputes only norms and activations: less recompute, more memory.
+  full_halves      as `full`, but each res block is recomputed as two units (norm1-SiLU-conv1, then norm2-SiLU-conv2
+                   with the shortcut): the block's output of conv1 is kept as well, and only half a block's
+                   backward is live at once (the same FLOPs as `full`).
 
 Units keep their parameter names: the remat wrappers are Flax lifted transforms (`nn.remat`), which add no scope.
 `True` / `False` (the older boolean field) mean `blocks` / `none`.
@@ -22,10 +25,11 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 
-POLICIES = ("none", "blocks", "full", "full_save_convs")
+POLICIES = ("none", "blocks", "full", "full_save_convs", "full_halves")
 # The model units each policy recomputes (the trainer's own parts are "loss" and "discriminator").
 _FULL = frozenset({"res", "resample", "attention", "norm_out", "loss", "discriminator"})
-_PARTS = {"none": frozenset(), "blocks": frozenset({"res"}), "full": _FULL, "full_save_convs": _FULL}
+_PARTS = {"none": frozenset(), "blocks": frozenset({"res"}), "full": _FULL, "full_save_convs": _FULL,
+          "full_halves": (_FULL - {"res"}) | {"res_halves"}}
 
 
 def policy_name(remat: Any) -> str:
@@ -40,7 +44,8 @@ def policy_name(remat: Any) -> str:
 
 
 def covers(remat: Any, part: str) -> bool:
-  """Whether policy `remat` recomputes `part` ("res", "resample", "attention", "norm_out", "loss", ...)."""
+  """Whether policy `remat` recomputes `part` ("res", "res_halves", "resample", "attention", "norm_out", "loss",
+  ...)."""
   return part in _PARTS[policy_name(remat)]
 
 

@@ -38,7 +38,8 @@ def train_section(scale: str) -> ml_collections.ConfigDict:
       ema_decay=0.0,                                 # 0 disables the EMA of generator params
       max_nan_steps=10,                              # consecutive non-finite steps before stopping
       alternate_updates=True,                        # G and D on alternate steps (released); False: both
-      remat="none",                                  # "none" | "blocks" | "full" | "full_save_convs" (models/remat.py)
+      remat="none",                                  # "none" | "blocks" | "full" | "full_save_convs" |
+                                                     # "full_halves" (models/remat.py)
       remat_frames=1,                                # full policies: frames of LPIPS / the image decoder per
                                                      # recomputed call (1: least memory; 0: all at once)
       compute_dtype="float32",                       # "float32" | "bfloat16" (params stay float32)

@@ -138,7 +138,7 @@ def test_bf16_compute_keeps_fp32_params_and_is_close(tmp_path):
   assert 1e-4 < rms < 0.08
 
 
-@pytest.mark.parametrize("policy", [True, "blocks", "full", "full_save_convs"])
+@pytest.mark.parametrize("policy", [True, "blocks", "full", "full_save_convs", "full_halves"])
 def test_remat_gives_identical_values_and_gradients(tiny_sd21, policy):
   vae, params = tiny_sd21
   x = helpers.tiny_input((1, 1, 8, 8, 3))
