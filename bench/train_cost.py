@@ -330,7 +330,8 @@ def main(argv=None) -> int:
   import jax
 
   parts = [p for p in args.parts.split(",") if p]
-  report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "platform": args.platform,
+  report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+            "platform": args.platform,
             "jax": jax.__version__,
             "load": " ".join(f"{x:.1f}" for x in os.getloadavg()), "matmul_gflops": matmul_gflops()}
   if "full" in parts:

@@ -34,7 +34,8 @@ def test_full_size_parameter_counts_are_exact(name):
 
 
 def test_paper_parameter_counts():
-  # The headline numbers in millions: CV-VAE SD2.1 68.75M / 113.70M, SD3 69.08M / 112.81M, image 34.16M / 49.49M.
+  # The headline numbers in millions: CV-VAE SD2.1 68.75M / 113.70M, SD3 69.08M / 112.81M, image 34.16M /
+  # 49.49M.
   want = {"cvvae_sd21": (68.75, 113.70), "cvvae_sd3": (69.08, 112.81), "sd21_image_vae": (34.16, 49.49)}
   for name, (enc, dec) in want.items():
     _, e, d, _ = _counts(FULL_MODELS[name]())
