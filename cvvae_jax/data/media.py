@@ -228,12 +228,14 @@ def _decode_seeking(data: bytes, indices: list[int], height: int, width: int, th
           if first is None and not frame.key_frame:
             continue
           index = clock.index(frame.pts)
-          if index is None or (previous is not None and index <= previous) or index > indices[filled]:
+          if index is None or (previous is not None and index <= previous):
             return None  # not a constant-rate stream here: frame numbers only by counting from the start
           if first is None:
             first = index
             if index > indices[0]:
               break  # landed after the first wanted frame: seek further back
+          if index > indices[filled]:
+            return None  # a wanted frame number never came: not a constant-rate stream
           previous = index
           if index == indices[filled]:
             out[filled] = _rgb(frame, height, width)
