@@ -126,7 +126,7 @@ def probe_video(data: bytes, *, declared_is_exact: bool = True) -> VideoInfo:
     try:
       for frame in container.decode(stream):
         if num_frames == 0:
-          height, width = _displayed_size(frame)
+          height, width = rotation.displayed_size(frame)
         num_frames += 1
     except av.FFmpegError as e:
       raise BadInput(f"truncated or corrupt: decoding failed after {num_frames} frames ({e})") from None
@@ -162,18 +162,8 @@ class FrameClock:
     return self.start + (index * self._den) // self._num
 
 
-def _displayed_size(frame) -> tuple[int, int]:
-  """(height, width) of a decoded frame as displayed (its display matrix applied, `rotation.py`)."""
-  return (frame.width, frame.height) if rotation.swaps_size(frame.rotation) else (frame.height, frame.width)
-
-
 def _rgb(frame, height: int, width: int) -> np.ndarray:
-  """The frame upright (`rotation.py`), resized to `height` x `width`: uint8 `[height, width, 3]`."""
-  degrees = frame.rotation
-  if rotation.swaps_size(degrees):
-    height, width = width, height  # resized as coded, then turned
-  rgb = frame.to_ndarray(format="rgb24", width=width, height=height, interpolation=_SWS_INTERPOLATION)
-  return rotation.upright(rgb, degrees)
+  return rotation.upright_rgb(frame, height, width, _SWS_INTERPOLATION)
 
 
 def _set_threads(stream, threads: int) -> None:
@@ -375,7 +365,7 @@ def read_video(path: str, *, num_frames: int | None = None, stride: int = 1, sta
       for index, frame in enumerate(container.decode(stream)):
         if index < start or (index - start) % stride:
           continue
-        height, width = _displayed_size(frame)
+        height, width = rotation.displayed_size(frame)
         if size is not None:
           rgb = center_crop(_rgb(frame, *resized_shape(height, width, size)), size)
         else:

@@ -37,6 +37,21 @@ def upright(rgb: np.ndarray, degrees: float) -> np.ndarray:
   return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
 
 
+def displayed_size(frame: av.VideoFrame) -> tuple[int, int]:
+  """(height, width) of a decoded frame as displayed (its display matrix applied)."""
+  return (frame.width, frame.height) if swaps_size(frame.rotation) else (frame.height, frame.width)
+
+
+def upright_rgb(frame: av.VideoFrame, height: int, width: int, interpolation: str) -> np.ndarray:
+  """A decoded frame upright, resized (swscale `interpolation`) to `height` x `width` as displayed: uint8
+  `[height, width, 3]` RGB."""
+  degrees = frame.rotation
+  if swaps_size(degrees):
+    height, width = width, height  # resized as coded, then turned
+  rgb = frame.to_ndarray(format="rgb24", width=width, height=height, interpolation=interpolation)
+  return upright(rgb, degrees)
+
+
 def matrix_rotation(matrix: tuple[int, ...]) -> float:
   """FFmpeg's `av_display_rotation_get` of a 3x3 display matrix (row-major, a b u c d v x y w, 16.16 fixed)."""
   a, b, c, d = matrix[0], matrix[1], matrix[3], matrix[4]
