@@ -56,12 +56,13 @@ def run_encode(args, root: str) -> dict:
   import numpy as np
 
   from cvvae_jax import inference, load_pretrained
+  from cvvae_jax.data import sources
   from cvvae_jax.data.stats import DataStats
   from cvvae_jax.latents import clips, encode
 
   model_path = write_demo_model(root)
   settings = clips.ClipSettings(args.frames, 3, (args.resolution, args.resolution), args.clips_per_video)
-  source = clips.open_data(clips.describe_data("embedded"), DataStats())
+  source = clips.open_data(sources.describe_data("embedded"), DataStats())
   videos = [clips.load_clip(source[c // settings.clips_per_video], settings, c % settings.clips_per_video)[0]
             for c in range(len(source) * settings.clips_per_video)]
   model, params = load_pretrained(model_path)

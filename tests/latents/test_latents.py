@@ -13,7 +13,7 @@ import skimage.data
 from PIL import Image
 
 from cvvae_jax import inference, latents, load_pretrained
-from cvvae_jax.data import media
+from cvvae_jax.data import media, sources
 from cvvae_jax.data.stats import DataStats
 from cvvae_jax.latents import clips, encode, records
 
@@ -54,7 +54,7 @@ def test_every_clip_is_stored_once_with_its_posterior_and_source(encoded, tiny_m
   model, params = load_pretrained(tiny_model)
   data = latents.LatentDataset(out)
   settings = clips.ClipSettings(9, 2, (32, 48), 2)
-  source = clips.open_data(clips.describe_data("embedded"), DataStats())
+  source = clips.open_data(sources.describe_data("embedded"), DataStats())
   encode_posterior = jax.jit(functools.partial(inference.encode_posterior, model))
   for index in (0, 3, 15):
     meta = data.metadata(index)
