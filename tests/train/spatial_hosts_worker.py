@@ -1,6 +1,9 @@
 """One process of the 2-process spatial-axis check (tests/train/test_spatial.py runs it through
 scripts/launch_local.py, 2 processes x 2 CPU devices): batches of meshes whose spatial groups lie within a process or
-span both, built from each process's clips, equal the global batch; prints `OK <mesh>` per mesh."""
+span both, built from each process's clips, equal the global batch; writes `OK <mesh>` per mesh to
+`$SPATIAL_HOSTS_OUT/p<process>.txt` (a file, not stdout: Gloo's C++ logging shares stdout and can split a line)."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,7 +34,8 @@ def main():
     rows = jax.jit(lambda v: jnp.sum(v, axis=(1, 2, 3, 4)), out_shardings=jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec()))(x)
     np.testing.assert_allclose(np.asarray(rows), clips.sum(axis=(1, 2, 3, 4)), rtol=1e-6)
-    print(f"OK {mesh_cfg}", flush=True)
+    with open(os.path.join(os.environ["SPATIAL_HOSTS_OUT"], f"p{jax.process_index()}.txt"), "a") as f:
+      f.write(f"OK {mesh_cfg}\n")
 
 
 if __name__ == "__main__":

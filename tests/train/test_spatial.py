@@ -201,15 +201,15 @@ def test_mesh_defaults_and_batch_specs():
 
 
 @pytest.mark.slow
-def test_two_processes_share_clips_of_a_spatial_group():
+def test_two_processes_share_clips_of_a_spatial_group(tmp_path):
   """2 processes x 2 CPU devices: with spatial=4 both processes hold rows of the same clips and load the same ones
   (`data_groups`); with data=2 x spatial=2 each process loads its own; the global batch is the same either way."""
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   out = subprocess.run([sys.executable, os.path.join(root, "scripts", "launch_local.py"), "-n", "2", "-d", "2", "--",
                         os.path.join(root, "tests", "train", "spatial_hosts_worker.py")],
-                       cwd=root, env=dict(os.environ, PYTHONPATH=root), capture_output=True, text=True, timeout=300,
-                       check=False)
+                       cwd=root, env=dict(os.environ, PYTHONPATH=root, SPATIAL_HOSTS_OUT=str(tmp_path)),
+                       capture_output=True, text=True, timeout=300, check=False)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   for p in (0, 1):
-    assert f"[p{p}] OK {{'data': 1, 'fsdp': 1, 'spatial': 4}}" in out.stdout, out.stdout[-3000:]
-    assert f"[p{p}] OK {{'data': 2, 'fsdp': 1, 'spatial': 2}}" in out.stdout, out.stdout[-3000:]
+    assert (tmp_path / f"p{p}.txt").read_text().splitlines() == [
+        "OK {'data': 1, 'fsdp': 1, 'spatial': 4}", "OK {'data': 2, 'fsdp': 1, 'spatial': 2}"], out.stdout[-3000:]
