@@ -114,16 +114,17 @@ def probe_video_file(f, *, decode_last: bool = False, read_header: bool = True) 
   """
   if not f.read(1):
     raise media.BadInput("empty file (0 bytes)")
+  track = mp4.video_track(f)  # mp4/mov: the header, read once (None for other containers)
   try:  # `complete`: an mp4/mov whose samples all lie in the file (fewer frames than samples come from its edits)
-    header, complete = mp4.probe(f)
+    header, complete = mp4.probe_track(track, f)
   except mp4.Truncated as e:
     raise media.BadInput(str(e)) from None
+  degrees = rotation.track_rotation(track)
   if header is not None and read_header and not decode_last:  # the header states it all exactly: no FFmpeg
-    degrees = rotation.matrix_rotation(header.pop("matrix")) if header["matrix"] else 0.0
+    del header["matrix"]
     if rotation.swaps_size(degrees):
       header["height"], header["width"] = header["width"], header["height"]
     return header
-  degrees = rotation.container_rotation(f)
   f.seek(0)
   try:
     container = av.open(f, mode="r")

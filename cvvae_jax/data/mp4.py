@@ -209,15 +209,20 @@ def _keeps_every_sample(track: VideoTrack, times: np.ndarray, delta: int) -> boo
 
 
 def probe(f: BinaryIO) -> tuple[dict | None, bool]:
-  """(answer, complete) from the header of an ISO-BMFF file object: `answer` is {"num_frames", "fps", "height",
-  "width", "matrix"} (sizes as coded; the display matrix for `rotation.py`), or None where FFmpeg must decide (see
-  the module docstring); `complete` says that the header lists the video samples and all of them lie inside the
-  file (then a frame count below the header's sample count comes from the edit list, not from a cut file).
+  """`probe_track` of the file object's first video track (`video_track`)."""
+  return probe_track(video_track(f), f)
+
+
+def probe_track(track: VideoTrack | None, f: BinaryIO) -> tuple[dict | None, bool]:
+  """(answer, complete) from the header `track` of the ISO-BMFF file object `f`: `answer` is {"num_frames", "fps",
+  "height", "width", "matrix"} (sizes as coded; the display matrix for `rotation.py`), or None where FFmpeg must
+  decide (see the module docstring); `complete` says that the header lists the video samples and all of them lie
+  inside the file (then a frame count below the header's sample count comes from the edit list, not from a cut
+  file).
 
   Raises:
     Truncated: the header lists more bytes than the file holds.
   """
-  track = video_track(f)
   if track is None or track.fragmented or track.sizes is None or not len(track.sizes):
     return None, False
   n = len(track.sizes)

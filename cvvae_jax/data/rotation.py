@@ -66,7 +66,12 @@ def container_rotation(f: BinaryIO) -> float | None:
   """The display rotation of the first video track of an mp4/mov file object (read from its header, no decoding;
   `f` is left at an undefined position); 0 without a matrix, None when `f` is not an ISO-BMFF file or has no video
   track (then the rotation is unknown until a frame is decoded)."""
-  track = mp4.video_track(f)
+  return track_rotation(mp4.video_track(f))
+
+
+def track_rotation(track: mp4.VideoTrack | None) -> float | None:
+  """The display rotation of an mp4/mov video track's header (`mp4.video_track`): 0 without a matrix, None without
+  a track."""
   if track is None:
     return None
   return matrix_rotation(track.matrix) if track.matrix else 0.0
