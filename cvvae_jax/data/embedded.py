@@ -6,7 +6,10 @@ files and a folder of PNGs, then builds them with the same TFDS builders users r
 folders (array_record). Everything is cached under `data_dir`; later calls return at once.
 
 Videos: bigbuckbunny (1280x720, 132 frames), bikes (640x272, 250 frames) and carphone (176x144,
-120 frames), resized to a 96-pixel short side and cut into 60-frame segments: 8 videos.
+120 frames), resized to a 96-pixel short side and cut into 60-frame segments. The last segment of each
+source is held out of training: the "train" split holds the other 5 segments (bigbuckbunny_0, bikes_0..2,
+carphone_0), the "validation" split the 3 held-out segments cut into 20-frame clips (bigbuckbunny_1_0..2,
+bikes_3_0..2, carphone_1_0..2: 9 clips; they share scenes, not frames, with training).
 Images: 8 RGB photos (astronaut, chelsea, coffee, rocket, immunohistochemistry, hubble_deep_field,
 retina, motorcycle), resized to a 128-pixel short side.
 """
@@ -25,10 +28,12 @@ from PIL import Image
 
 from cvvae_jax.data import builders, media
 
-RECIPE = "v1"  # bump when the content below changes, so caches are rebuilt
+RECIPE = "v2"  # bump when the content below changes, so caches are rebuilt
 DATASET_NAMES = {"video": builders.VideoFolder.name, "image": builders.ImageFolder.name}
 VIDEO_SHORT_SIDE = 96
 SEGMENT_FRAMES = 60
+HELD_OUT_FRAMES = 20  # the held-out segment of each source, cut into clips this long
+SPLITS = {"video": ("train", "validation"), "image": ("train",)}
 IMAGE_SHORT_SIDE = 128
 IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field",
           "retina", "stereo_motorcycle")
@@ -49,6 +54,8 @@ def _video_files() -> dict[str, str]:
 
 def _write_videos(out_dir: str) -> None:
   codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+  for split in SPLITS["video"]:
+    os.makedirs(os.path.join(out_dir, split))
   for name, path in _video_files().items():
     with av.open(path) as container:
       stream = container.streams.video[0]
@@ -58,10 +65,18 @@ def _write_videos(out_dir: str) -> None:
       frames = np.stack([f.to_ndarray(format="rgb24", height=size[0], width=size[1],
                                       interpolation="BICUBIC") for f in container.decode(stream)])
       fps = int(round(float(stream.average_rate or 25)))
-    for k in range(len(frames) // SEGMENT_FRAMES):
+    options = {"crf": "18"} if codec == "libx264" else {"qscale": "3"}
+    segments = len(frames) // SEGMENT_FRAMES
+    for k in range(segments):
       segment = frames[k * SEGMENT_FRAMES:(k + 1) * SEGMENT_FRAMES]
-      media.write_video(os.path.join(out_dir, f"{name}_{k}.mp4"), segment, fps=fps, codec=codec,
-                        options={"crf": "18"} if codec == "libx264" else {"qscale": "3"})
+      if k < segments - 1:
+        media.write_video(os.path.join(out_dir, "train", f"{name}_{k}.mp4"), segment, fps=fps, codec=codec,
+                          options=options)
+        continue
+      for j in range(SEGMENT_FRAMES // HELD_OUT_FRAMES):
+        media.write_video(os.path.join(out_dir, "validation", f"{name}_{k}_{j}.mp4"),
+                          segment[j * HELD_OUT_FRAMES:(j + 1) * HELD_OUT_FRAMES], fps=fps, codec=codec,
+                          options=options)
 
 
 def _write_images(out_dir: str) -> None:
@@ -78,7 +93,7 @@ def _write_images(out_dir: str) -> None:
 
 
 def assemble_embedded_folders(root: str) -> str:
-  """Writes `root/src/{video,image}` (idempotent, atomic) and returns `root/src`."""
+  """Writes `root/src/video/{train,validation}` and `root/src/image` (idempotent, atomic); returns `root/src`."""
   src = os.path.join(root, "src")
   if os.path.isdir(src):
     return src
@@ -103,8 +118,9 @@ def prepare_embedded_dataset(data_dir: str) -> str:
   Args:
     data_dir: cache folder (e.g. "~/.cache/cvvae_jax/data").
   Returns:
-    The TFDS data_dir holding `cvvae_video_folder` (8 clips, 60 frames, 96-pixel short side) and
-    `cvvae_image_folder` (8 photos, 128-pixel short side).
+    The TFDS data_dir holding `cvvae_video_folder` (96-pixel short side; "train": 5 clips of 60 frames,
+    "validation": 9 held-out clips of 20 frames) and `cvvae_image_folder` ("train": 8 photos, 128-pixel short
+    side).
   """
   root = os.path.join(os.path.abspath(os.path.expanduser(data_dir)), f"embedded_{RECIPE}")
   tfds_dir = os.path.join(root, "tfds")
@@ -128,3 +144,17 @@ def prepare_embedded_dataset(data_dir: str) -> str:
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)
   return tfds_dir
+
+
+def default_split(kind: str, split: str = "") -> str:
+  """The embedded `kind`'s split to read: `split`, or validation (the held-out clips) where the kind has one, as for
+  any TFDS dataset (`sources.SPLIT_PREFERENCE`); raises ValueError for a split the embedded set lacks."""
+  if split and split not in SPLITS[kind]:
+    raise ValueError(f"the embedded {kind}s: expected a split in {list(SPLITS[kind])}, got {split!r}")
+  return split or ("validation" if "validation" in SPLITS[kind] else "train")
+
+
+def split_folder(src: str, kind: str, split: str = "train") -> str:
+  """The folder of `split`'s files under `assemble_embedded_folders`'s `src` (e.g. to copy real files from)."""
+  default_split(kind, split)
+  return os.path.join(src, kind, split) if len(SPLITS[kind]) > 1 else os.path.join(src, kind)

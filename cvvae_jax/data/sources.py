@@ -228,7 +228,7 @@ class DataSpec:
       return os.path.basename(os.path.normpath(self.path))
     if self.source == "tfds":
       return f"{self.tfds_name}:{self.split}"
-    return f"embedded {self.kind}s"
+    return f"embedded {self.kind}s ({self.split})"
 
 
 def describe_data(data: str, *, kind: str = "auto", data_dir: str = "", split: str = "",
@@ -242,7 +242,7 @@ def describe_data(data: str, *, kind: str = "auto", data_dir: str = "", split: s
     named = data.split(":", 1)[1] if ":" in data else (kind if kind != "auto" else "video")
     if named not in ("video", "image"):
       raise ValueError(f"--data {data}: expected 'embedded', 'embedded:video' or 'embedded:image'")
-    return DataSpec(kind=named, source="embedded")
+    return DataSpec(kind=named, source="embedded", split=embedded.default_split(named, split))
   if paths.is_remote(data) or os.path.exists(data):
     if not paths.path(data).is_dir():
       raise ValueError(f"--data {data}: expected a folder of videos or images (or a TFDS name), got "
@@ -294,7 +294,7 @@ def open_source(*, kind: str | Kind, source: str, path: str = "", tfds_name: str
     if not embedded_dir:
       raise ValueError(f"expected config.embedded_dir to be set for {where}.source='embedded'")
     tfds_dir = embedded.prepare_embedded_dataset(embedded_dir)
-    return TfdsSource(embedded.DATASET_NAMES[kind.value], split="train", data_dir=tfds_dir, kind=kind,
-                      stats=stats)
+    return TfdsSource(embedded.DATASET_NAMES[kind.value], split=embedded.default_split(kind.value, split),
+                      data_dir=tfds_dir, kind=kind, stats=stats)
   raise ValueError(f"{where}.source: expected 'folder', 'tfds' or 'embedded', got {source!r}")
 

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from cvvae_jax import CVVAE, metrics
-from cvvae_jax.data import media, sources
+from cvvae_jax.data import embedded, media, sources
 from cvvae_jax.inference import api
 from cvvae_jax.eval import accumulator, cli, config, data as eval_data, models as eval_models, report, run, step
 from cvvae_jax.models import lpips
@@ -236,8 +236,9 @@ def test_image_vae_recorded_in_a_training_workdir(tmp_path):
 def _two_real_and_one_broken(embedded_src, kind, data, broken_name, broken_bytes):
   """A folder with the first two embedded `kind` files ("video" | "image") and one unreadable file."""
   data.mkdir()
-  for name in sorted(os.listdir(os.path.join(embedded_src, kind)))[:2]:
-    shutil.copy(os.path.join(embedded_src, kind, name), data / name)
+  folder = embedded.split_folder(embedded_src, kind)
+  for name in sorted(os.listdir(folder))[:2]:
+    shutil.copy(os.path.join(folder, name), data / name)
   (data / broken_name).write_bytes(broken_bytes)
   return data
 

@@ -9,7 +9,7 @@ import pytest
 from scipy import linalg
 
 import cvvae_jax
-from cvvae_jax.data import media
+from cvvae_jax.data import embedded, media
 from cvvae_jax.eval import fvd
 from cvvae_jax.models import i3d
 from tests.helpers import random_params
@@ -67,7 +67,7 @@ def test_frechet_distance_of_random_features_matches_the_reference():
 @pytest.fixture(scope="module")
 def real_clips(embedded_src):
   """Six real 9-frame clips [6, 9, 64, 64, 3] in [-1, 1] from the embedded videos."""
-  folder = os.path.join(embedded_src, "video")
+  folder = embedded.split_folder(embedded_src, "video")
   paths = sorted(os.listdir(folder))[:6]
   return np.stack([media.read_video(os.path.join(folder, p), num_frames=9, stride=2, size=(64, 64)) for p in paths])
 

@@ -9,8 +9,10 @@ from cvvae_jax.data import embedded
 from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# The clips every test encodes: the embedded set's 8 videos (60 frames), 2 clips each, 9 frames at stride 2, 32x48.
-CLIP_FLAGS = ["--data=embedded", "--frames=9", "--stride=2", "--resolution=32x48", "--clips_per_video=2"]
+# The clips every test encodes: the embedded training split's 5 videos (60 frames), 2 clips each, 9 frames at
+# stride 2, 32x48.
+CLIP_FLAGS = ["--data=embedded", "--split=train", "--frames=9", "--stride=2", "--resolution=32x48",
+              "--clips_per_video=2"]
 
 
 @pytest.fixture(scope="session")

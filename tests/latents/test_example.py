@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow  # an encode job, a train step and a decode compil
 def test_the_latents_example_runs(tiny_model, tmp_path):
   done = run_command([sys.executable, os.path.join(REPO, "docs", "latents_example.py"), f"--model={tiny_model}",
                       f"--out={tmp_path / 'latents'}", "--steps=3"])
-  assert "16 stored, 0 skipped" not in done.stdout and "8 stored, 0 skipped" in done.stdout  # 8 videos, 1 clip each
+  assert "10 stored, 0 skipped" not in done.stdout and "5 stored, 0 skipped" in done.stdout  # 5 videos, 1 clip each
   steps = re.findall(r"step (\d): loss ([0-9.]+), clips \[([0-9, ]+)\], preview \((\d+), 9, 32, 48, 3\) (\w+) on 2 "
                      r"devices", done.stdout)
   assert [s[0] for s in steps] == ["0", "1", "2"] and all(s[3] == "4" for s in steps), done.stdout

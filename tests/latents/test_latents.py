@@ -13,16 +13,16 @@ import skimage.data
 from PIL import Image
 
 from cvvae_jax import inference, latents, load_pretrained
-from cvvae_jax.data import media, sources
+from cvvae_jax.data import embedded, media, sources
 from cvvae_jax.data.stats import DataStats
 from cvvae_jax.latents import clips, encode, records
 
-CLIPS = 16  # 8 videos x 2 clips
+CLIPS = 10  # the embedded training split's 5 videos x 2 clips
 SHAPE = [3, 4, 6, 4]  # 9 frames -> 3 latents, 32x48 -> 4x6, 4 channels
 
 
 def _encode(model, out, **overrides):
-  settings = dict(model=model, data="embedded", out=str(out), frames=9, stride=2, resolution=(32, 48),
+  settings = dict(model=model, data="embedded", split="train", out=str(out), frames=9, stride=2, resolution=(32, 48),
                   clips_per_video=2, batch_size=2, clips_per_shard=5, log_every_s=1e9)
   return encode.encode_dataset(encode.EncodeConfig(**{**settings, **overrides}))
 
@@ -38,9 +38,9 @@ def test_latents_json_says_what_made_the_latents_and_every_clip_is_there(encoded
   info = records.read_info(out)
   assert info["model"]["class"] == "CVVAE" and info["model"]["variant"] == "sd21"
   assert info["model"]["path"] == os.path.abspath(tiny_model) and info["model"]["shift_factor"] == 0.0
-  assert info["data"]["frames"] == 9 and info["data"]["clips_per_video"] == 2 and info["data"]["num_videos"] == 8
+  assert info["data"]["frames"] == 9 and info["data"]["clips_per_video"] == 2 and info["data"]["num_videos"] == 5
   assert info["latent"] == {**info["latent"], "shape": SHAPE, "dtype": "float32"}
-  assert info["clips"] == {"num_clips": CLIPS, "clips_per_shard": 5, "num_shards": 4}
+  assert info["clips"] == {"num_clips": CLIPS, "clips_per_shard": 5, "num_shards": 2}
   assert "jax" in info["versions"] and info["encode"]["tiling"]["mode"] == "tiled"
   assert info["summary"] == {"complete": True, "num_stored": CLIPS, "num_skipped_clips": 0, "skipped": {}}
   assert result["run"]["clips"] == CLIPS
@@ -54,9 +54,9 @@ def test_every_clip_is_stored_once_with_its_posterior_and_source(encoded, tiny_m
   model, params = load_pretrained(tiny_model)
   data = latents.LatentDataset(out)
   settings = clips.ClipSettings(9, 2, (32, 48), 2)
-  source = clips.open_data(sources.describe_data("embedded"), DataStats())
+  source = clips.open_data(sources.describe_data("embedded", split="train"), DataStats())
   encode_posterior = jax.jit(functools.partial(inference.encode_posterior, model))
-  for index in (0, 3, 15):
+  for index in (0, 3, 9):
     meta = data.metadata(index)
     video_index, j = divmod(meta["clip"], 2)
     record = source[video_index]
@@ -74,16 +74,16 @@ def test_loader_batches_are_the_scaled_stored_posterior(encoded):
   out, _ = encoded
   data = latents.LatentDataset(out)
   scale, shift = np.float32(data.scaling_factor), np.float32(data.shift_factor)
-  ds = latents.dataset(out, 4, seed=1, num_epochs=2)
+  ds = latents.dataset(out, 5, seed=1, num_epochs=2)
   seen = []
   for batch in ds:
-    assert batch["latents"].shape == (4, *SHAPE) and batch["latents"].dtype == np.float32
+    assert batch["latents"].shape == (5, *SHAPE) and batch["latents"].dtype == np.float32
     for row, index in enumerate(batch["index"]):
       np.testing.assert_array_equal(batch["latents"][row], (data.posterior(index)[0] - shift) * scale)
       assert data.clips[index] == batch["clip"][row]
     seen.append(batch["clip"])
-  assert ds.step == 8  # 2 epochs of 16 clips in batches of 4
-  first, second = np.concatenate(seen[:4]), np.concatenate(seen[4:])
+  assert ds.step == 4  # 2 epochs of 10 clips in batches of 5
+  first, second = np.concatenate(seen[:2]), np.concatenate(seen[2:])
   assert sorted(first) == sorted(second) == list(range(CLIPS)) and not np.array_equal(first, second)
 
   # Samples: mean + std * eps, eps ~ N(0, 1), another one each epoch, the same for the same rng.
@@ -154,8 +154,8 @@ def test_a_rerun_resumes_and_other_settings_are_an_error(encoded, tiny_model, tm
     _encode(tiny_model, out, frames=5)
   incomplete = tmp_path / "incomplete"
   shutil.copytree(out, incomplete)
-  os.remove(records.manifest_path(str(incomplete), 2, 4))
-  with pytest.raises(ValueError, match="1 of 4 shards are not complete.*rerun"):
+  os.remove(records.manifest_path(str(incomplete), 1, 2))
+  with pytest.raises(ValueError, match="1 of 2 shards are not complete.*rerun"):
     latents.dataset(incomplete, 4)
 
 
@@ -163,7 +163,8 @@ def test_a_rerun_resumes_and_other_settings_are_an_error(encoded, tiny_model, tm
 def test_bad_and_short_videos_are_skipped_and_listed(tiny_model, tmp_path):
   folder = tmp_path / "videos"
   folder.mkdir()
-  src = os.path.expanduser("~/.cache/cvvae_jax/data/embedded_v1/src/video")
+  src = embedded.split_folder(
+      os.path.join(os.path.dirname(embedded.prepare_embedded_dataset("~/.cache/cvvae_jax/data")), "src"), "video")
   for name in ("bikes_0.mp4", "carphone_0.mp4"):
     shutil.copy(os.path.join(src, name), folder / name)
   (folder / "broken.mp4").write_bytes(b"not a video" * 100)

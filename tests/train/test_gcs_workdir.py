@@ -216,8 +216,8 @@ def test_evaluate_reads_a_gcs_model_and_data_and_writes_its_outputs_there(gcs_se
   manager = checkpoint.CheckpointManager(f"{bucket}/ref", enable_async_checkpointing=False)  # a training workdir
   manager.save(1, {"params": {"vae": params}}, checkpoint.make_meta(model=vae), force=True)
   manager.close()
-  src = os.path.join(os.path.dirname(embedded.prepare_embedded_dataset("~/.cache/cvvae_jax/data")),
-                     "src", "video")
+  src = embedded.split_folder(
+      os.path.join(os.path.dirname(embedded.prepare_embedded_dataset("~/.cache/cvvae_jax/data")), "src"), "video")
   for name in sorted(os.listdir(src))[:2]:
     with open(os.path.join(src, name), "rb") as f:
       epath.Path(f"{bucket}/clips/{name}").write_bytes(f.read())
@@ -225,8 +225,8 @@ def test_evaluate_reads_a_gcs_model_and_data_and_writes_its_outputs_there(gcs_se
   cmd = [sys.executable, "evaluate.py", f"--model={bucket}/ref", f"--data={bucket}/clips", f"--out={out}",
          "--image_vae=none", "--frames=5", "--stride=2", "--resolution=16", "--batch_size=2", "--no-lpips", "--no-fvd",
          "--num_samples=0"]
-  run = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT},
-                       timeout=600)
+  run = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": ROOT}, timeout=600)
   assert run.returncode == 0, run.stderr[-3000:]
   assert "| Method | Params enc+dec | Frame compression | PSNR" in run.stdout  # metrics.md, read from the bucket
   assert "AdaptiveReadaheadCache" not in run.stderr  # fsspec's INFO line per file read stays quiet
