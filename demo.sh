@@ -9,19 +9,27 @@ set -euo pipefail
 cd "$(dirname "$0")"
 W=${1:-workdir_demo}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
-python train.py --config configs/image_vae.py:demo --workdir "$W/image_vae"
-python train.py --config configs/cvvae.py:demo --workdir "$W/cvvae" --config.image_vae.path="$W/image_vae"
-python -m cvvae_jax.convert "$W/cvvae" "$W/cvvae_torch" --to torch
-python - "$W" <<'PY'
+TIMES=""
+stage() {  # stage NAME COMMAND...: runs it and adds its wall time to the summary printed at the end
+  local name=$1 start=$SECONDS
+  shift
+  "$@"
+  TIMES="$TIMES${TIMES:+, }$name $((SECONDS - start)) s"
+}
+stage "image VAE" python train.py --config configs/image_vae.py:demo --workdir "$W/image_vae"
+stage "CV-VAE" python train.py --config configs/cvvae.py:demo --workdir "$W/cvvae" --config.image_vae.path="$W/image_vae"
+stage "export" python -m cvvae_jax.convert "$W/cvvae" "$W/cvvae_torch" --to torch
+stage "reload" python - "$W" <<'PY'
 import sys, cvvae_jax
 w = sys.argv[1]
 vae, params = cvvae_jax.load_pretrained(f"{w}/cvvae_torch")
 print(f"loaded the exported PyTorch folder {w}/cvvae_torch: {type(vae).__name__}({vae.variant}), "
       f"latent channels {vae.latent_channels}")
 PY
-python evaluate.py --model "$W/cvvae" --baseline "$W/image_vae" --data embedded --out "$W/eval" --frames 17 \
-    --stride 1 --resolution 64 --lpips_net alex --no-fvd --num_samples 9 --no-progress
+stage "evaluation" python evaluate.py --model "$W/cvvae" --baseline "$W/image_vae" --data embedded --out "$W/eval" \
+    --frames 17 --stride 1 --resolution 64 --lpips_net alex --no-fvd --num_samples 9 --no-progress
 sed -n '/^| Method/,/^$/p' "$W/eval/metrics.md"
 echo "held-out strips (rows: input / CV-VAE / image VAE / errors): $W/eval/samples/sample_00.png (bigbuckbunny)," \
      "sample_03.png (bikes), sample_06.png (carphone); all numbers: $W/eval/metrics.md"
 echo "training pictures: $W/cvvae/images/, loss curves: $W/image_vae/loss_curves.png, $W/cvvae/loss_curves.png"
+echo "demo wall time: $TIMES; total $SECONDS s"

@@ -34,6 +34,7 @@ class Models:
   grad_accum_steps: int
   ema_decay: float
   remat_frames: int = 1  # frames per recomputed call of the loss networks (`remat.checkpointed_map`)
+  generator_only_steps: int = 0  # first steps that update only the generator (`train.generator_only_before_gan`)
 
   @property
   def is_video(self) -> bool:
@@ -72,6 +73,8 @@ def build_models(config: ml_collections.ConfigDict, image_vae: ImageVAE | None,
     raise ValueError(f"config.image_vae.path: the image VAE has {image_vae.latent_channels} latent channels, "
                      f"the CV-VAE {vae.latent_channels}; its decoder cannot decode the video latents")
   accum = int(config.train.grad_accum_steps)
+  # Before the GAN starts the discriminator's loss is 0: with generator_only_before_gan those steps update G.
+  g_only = int(config.loss.disc_start) if config.train.get("generator_only_before_gan", False) else 0
   if accum < 1:
     raise ValueError(f"config.train.grad_accum_steps: expected >= 1, got {accum}")
   return Models(
@@ -79,12 +82,13 @@ def build_models(config: ml_collections.ConfigDict, image_vae: ImageVAE | None,
                                          remat=remat),
       image_vae=(image_vae.clone(dtype=dtype, remat=remat, **impls) if image_vae is not None and isinstance(vae, CVVAE)
                  else None),
-      weights=weights, tx=optim.make_generator_optimizer(config.optim),
-      disc_tx=optim.make_discriminator_optimizer(config.optim),
+      weights=weights, tx=optim.make_generator_optimizer(config.optim, g_only),
+      disc_tx=optim.make_discriminator_optimizer(config.optim, g_only),
       lr_schedule=optim.generator_lr_schedule(config.optim),
       disc_lr_schedule=optim.discriminator_lr_schedule(config.optim), alternate=bool(config.train.alternate_updates),
       grad_accum_steps=accum, ema_decay=float(config.train.ema_decay),
-      remat_frames=int(config.train.get("remat_frames", 1)))
+      remat_frames=int(config.train.get("remat_frames", 1)),
+      generator_only_steps=g_only)
 
 
 def load_frozen(config: ml_collections.ConfigDict, model_kind: str):
@@ -147,4 +151,3 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not config.train.alternate_updates and config.optim.steps_per_update != 1:
     raise ValueError("config.optim.steps_per_update must be 1 when config.train.alternate_updates is False, "
                      f"got {config.optim.steps_per_update}")
-

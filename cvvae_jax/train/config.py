@@ -38,6 +38,9 @@ def train_section(scale: str) -> ml_collections.ConfigDict:
       ema_decay=0.0,                                 # 0 disables the EMA of generator params
       max_nan_steps=10,                              # consecutive non-finite steps before stopping
       alternate_updates=True,                        # G and D on alternate steps (released); False: both
+      # Steps before loss.disc_start update only the generator (their discriminator loss is 0; the released code
+      # alternates from step 0, spending half of them on a discriminator update that changes nothing).
+      generator_only_before_gan=not full,
       remat="none",                                  # "none" | "blocks" | "full" | "full_save_convs" |
                                                      # "full_halves" (models/remat.py)
       remat_frames=1,                                # full policies: frames of LPIPS / the image decoder per

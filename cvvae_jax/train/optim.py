@@ -10,6 +10,9 @@ every batch, while each optimizer only updates on every other batch. Optax feeds
 update count, so the optimizers here evaluate `schedule(count * steps_per_update)`; with
 `steps_per_update = 2` (alternating G/D, as released) the generator's n-th update uses the lr of batch 2n,
 as in the original. Set it to 1 if both are updated on every batch. Log `generator_lr_schedule(cfg)(step)`.
+With `generator_only_steps = N` (`train.generator_only_before_gan`: N = `loss.disc_start`; not in the original,
+which before the GAN starts spends every other batch on a discriminator update whose loss is 0) the first N
+batches update only the generator; `step_of_update` maps each optimizer's update count to its batch.
 
 Difference from the original: its cosine (`num_training_steps: 60000` of a 200k-step run) keeps following
 cos(pi * progress) past the end, so its lr rises again; optax holds the floor after `total_steps`. We
@@ -26,6 +29,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -92,10 +96,25 @@ def discriminator_lr_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
   return optax.constant_schedule(cfg.discriminator.lr)
 
 
-def _per_update(schedule: optax.Schedule, steps_per_update: int) -> optax.Schedule:
+def step_of_update(count, steps_per_update: int, generator_only_steps: int = 0, discriminator: bool = False):
+  """The training step of an optimizer's `count`-th update (0-based; traceable). The generator updates on each of
+  the first `generator_only_steps` steps, then on the steps that are 0 mod `steps_per_update`; the discriminator
+  on the steps from `generator_only_steps` on that are 1 mod `steps_per_update` (every one when it is 1)."""
   if not isinstance(steps_per_update, int) or steps_per_update < 1:
     raise ValueError(f"expected steps_per_update to be an int >= 1, got {steps_per_update!r}")
-  return lambda count: schedule(count * steps_per_update)
+  if not isinstance(generator_only_steps, int) or generator_only_steps < 0:
+    raise ValueError(f"expected generator_only_steps to be an int >= 0, got {generator_only_steps!r}")
+  k, s0 = steps_per_update, generator_only_steps
+  first = s0 + ((1 if discriminator else 0) - s0) % k  # the first step >= s0 of this optimizer
+  if discriminator:
+    return first + k * count
+  return jnp.where(count < s0, count, first + k * (count - s0))
+
+
+def _per_update(schedule: optax.Schedule, steps_per_update: int, generator_only_steps: int,
+                discriminator: bool) -> optax.Schedule:
+  step_of_update(0, steps_per_update, generator_only_steps)  # argument errors now, not at the first update
+  return lambda count: schedule(step_of_update(count, steps_per_update, generator_only_steps, discriminator))
 
 
 def _adamw(opt: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
@@ -105,19 +124,22 @@ def _adamw(opt: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.Gradient
   )
 
 
-def make_generator_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """clip_by_global_norm(clip_norm) then AdamW with `generator_lr_schedule` (per update, see module doc).
+def make_generator_optimizer(cfg: ml_collections.ConfigDict,
+                             generator_only_steps: int = 0) -> optax.GradientTransformation:
+  """clip_by_global_norm(clip_norm) then AdamW with `generator_lr_schedule` (per update, see module doc; the first
+  `generator_only_steps` batches update only the generator).
 
   Its parameters: video encoder and decoder, `logvar`, `logvar_2d` (weight decay applies to all, as
   torch AdamW on one parameter group).
   """
-  lr = _per_update(generator_lr_schedule(cfg), cfg.steps_per_update)
+  lr = _per_update(generator_lr_schedule(cfg), cfg.steps_per_update, generator_only_steps, discriminator=False)
   return _adamw(cfg.generator, lr)
 
 
-def make_discriminator_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_discriminator_optimizer(cfg: ml_collections.ConfigDict,
+                                 generator_only_steps: int = 0) -> optax.GradientTransformation:
   """clip_by_global_norm(clip_norm) then AdamW with the constant discriminator lr."""
-  lr = _per_update(discriminator_lr_schedule(cfg), cfg.steps_per_update)
+  lr = _per_update(discriminator_lr_schedule(cfg), cfg.steps_per_update, generator_only_steps, discriminator=True)
   return _adamw(cfg.discriminator, lr)
 
 

@@ -58,8 +58,11 @@ class Update(enum.Enum):
   BOTH = "both"
 
 
-def update_for_step(step: int, alternate: bool) -> Update:
-  """The update of (host-side) step `step`: G on even steps and D on odd ones when alternating, else both."""
+def update_for_step(step: int, alternate: bool, generator_only_steps: int = 0) -> Update:
+  """The update of (host-side) step `step`: G alone on the first `generator_only_steps` steps; then G on even
+  steps and D on odd ones when alternating, else both (`optim.step_of_update` says the same per optimizer)."""
+  if step < generator_only_steps:
+    return Update.GENERATOR
   if not alternate:
     return Update.BOTH
   return Update.GENERATOR if step % 2 == 0 else Update.DISCRIMINATOR
@@ -134,7 +137,7 @@ class TrainStep:
         for update in Update}
 
   def __call__(self, state: TrainState, batch: dict, rng: Array, frozen: dict, step: int):
-    update = update_for_step(step, self.models.alternate)
+    update = update_for_step(step, self.models.alternate, self.models.generator_only_steps)
     state, metrics = self._fns[update](state, batch, rng, frozen)
     return state, metrics, update
 

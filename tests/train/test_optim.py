@@ -69,6 +69,34 @@ def test_generator_optimizer_clips_and_follows_schedule():
   np.testing.assert_allclose(upd["w"], expected, rtol=1e-4)  # float32 bias corrections
 
 
+def test_generator_only_steps_keep_the_lr_a_function_of_the_training_step():
+  # G alone on steps 0..4, then G on even and D on odd steps: G's updates at steps 0,1,2,3,4,6,8; D's at 5,7,9.
+  steps = [int(optim.step_of_update(jnp.int32(n), 2, 5)) for n in range(7)]
+  assert steps == [0, 1, 2, 3, 4, 6, 8]
+  assert [int(optim.step_of_update(n, 2, 5, discriminator=True)) for n in range(3)] == [5, 7, 9]
+  assert [int(optim.step_of_update(n, 2, 4)) for n in range(6)] == [0, 1, 2, 3, 4, 6]
+  assert [int(optim.step_of_update(n, 2, 4, discriminator=True)) for n in range(2)] == [5, 7]
+  assert [int(optim.step_of_update(n, 2)) for n in range(3)] == [0, 2, 4]  # as released
+  assert [int(optim.step_of_update(n, 1, 3, discriminator=True)) for n in range(2)] == [3, 4]  # both every step
+  with pytest.raises(ValueError, match="generator_only_steps to be an int >= 0"):
+    optim.step_of_update(0, 2, -1)
+
+  cfg = optim.make_optimizer_config()
+  cfg.generator.warmup_steps, cfg.generator.total_steps = 10, 40
+  schedule = optim.generator_lr_schedule(cfg)
+  tx = optim.make_generator_optimizer(cfg, generator_only_steps=5)
+  params = {"w": jnp.zeros(2)}
+  state = tx.init(params)
+  grads = {"w": jnp.array([0.3, 0.4])}
+  for n, step in enumerate(steps):
+    upd, new_state = tx.update(grads, state, params)
+    # the update of a unit gradient direction at lr(step): AdamW's step is -lr * (m_hat / (sqrt(v_hat) + eps))
+    m_hat, v_hat = grads["w"], grads["w"] ** 2
+    np.testing.assert_allclose(upd["w"], -schedule(step) * m_hat / (jnp.sqrt(v_hat) + 1e-4), rtol=2e-4, atol=1e-12,
+                               err_msg=f"update {n} = step {step}")
+    state = new_state
+
+
 def test_small_gradients_are_not_clipped():
   tx = optim.make_generator_optimizer(optim.make_optimizer_config())
   params = {"w": jnp.zeros(2)}
@@ -94,7 +122,8 @@ def test_freeze_keeps_no_state_and_zero_updates():
     "logvar": jnp.zeros(()),
   }
   labels = optim.param_labels(params, ["sd_vae"])
-  assert labels["sd_vae"]["encoder"]["kernel"] == "frozen" and labels["vae"]["decoder"]["conv_out"]["kernel"] == "trainable"
+  assert labels["sd_vae"]["encoder"]["kernel"] == "frozen"
+  assert labels["vae"]["decoder"]["conv_out"]["kernel"] == "trainable"
   assert labels["logvar"] == "trainable"
   tx = optim.freeze(optim.make_generator_optimizer(cfg), ["sd_vae"])
   state = tx.init(params)

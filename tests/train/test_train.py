@@ -136,6 +136,9 @@ def test_update_alternation():
   assert [step_lib.update_for_step(s, True).value for s in range(4)] == [
       "generator", "discriminator", "generator", "discriminator"]
   assert step_lib.update_for_step(3, False) is step_lib.Update.BOTH
+  # generator_only_steps: G alone before the GAN starts, then the alternation (or both) as before
+  assert [step_lib.update_for_step(s, True, 3).value[0] for s in range(7)] == list("gggdgdg")
+  assert [step_lib.update_for_step(s, False, 2).value[0] for s in range(4)] == list("ggbb")
 
 
 def _final_params(workdir):
