@@ -4,8 +4,8 @@ r"""What encoding a dataset to latents costs beyond the encoder, and how fast th
         [--repeats 2] [--batches 3000] [--out bench/results]
 
 encode: a demo-size CV-VAE (`configs/cvvae.py:sd21,demo`, random weights, as bench/eval_cost.py) on the embedded
-  clips (8 videos x `--clips_per_video`, 17x64x64 at stride 3), two ways in one process, alternated `--repeats`
-  times so that other jobs' load hits both alike:
+  training clips (5 videos of 60 frames x `--clips_per_video`, 17x64x64 at stride 3; before the embedded set's v2,
+  8 videos), two ways in one process, alternated `--repeats` times so that other jobs' load hits both alike:
     encode_latents  `cvvae_jax.latents.encode.encode_dataset` (decode threads, device step, records, shards,
                     manifests), batch 1 on 1 device; its steady clips/s after the first batch (the compile);
     plain loop      the same clips decoded beforehand (not timed), then `jax.jit(inference.encode)` called on each
@@ -62,14 +62,15 @@ def run_encode(args, root: str) -> dict:
 
   model_path = write_demo_model(root)
   settings = clips.ClipSettings(args.frames, 3, (args.resolution, args.resolution), args.clips_per_video)
-  source = clips.open_data(sources.describe_data("embedded"), DataStats())
+  source = clips.open_data(sources.describe_data("embedded", split="train"), DataStats())
   videos = [clips.load_clip(source[c // settings.clips_per_video], settings, c % settings.clips_per_video)[0]
             for c in range(len(source) * settings.clips_per_video)]
   model, params = load_pretrained(model_path)
   params = inference.params_for(params, "encode")
   runs = {"encode_latents": [], "plain_loop": []}
   for repeat in range(args.repeats):
-    cfg = encode.EncodeConfig(model=model_path, data="embedded", out=os.path.join(root, f"latents_{repeat}"),
+    cfg = encode.EncodeConfig(model=model_path, data="embedded", split="train",
+                              out=os.path.join(root, f"latents_{repeat}"),
                               frames=args.frames, stride=3, resolution=(args.resolution, args.resolution),
                               clips_per_video=args.clips_per_video, batch_size=1, devices=1, log_every_s=1e9)
     run = encode.encode_dataset(cfg)["run"]
