@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole demo on a laptop CPU (about 10 minutes on 2 cores), on real clips and photos that pip packages ship:
+# The whole demo on a laptop CPU (about 11 minutes on 2 cores), on real clips and photos that pip packages ship:
 #   1. train a small SD-architecture image VAE on the embedded photos,
 #   2. inflate it into a small CV-VAE and train that with the frozen image VAE as the latent regularizer,
 #   3. export the CV-VAE to the original PyTorch layout and load it back,
@@ -29,7 +29,7 @@ PY
 stage "evaluation" python evaluate.py --model "$W/cvvae" --baseline "$W/image_vae" --data embedded --out "$W/eval" \
     --frames 17 --stride 1 --resolution 64 --lpips_net alex --no-fvd --num_samples 9 --no-progress
 sed -n '/^| Method/,/^$/p' "$W/eval/metrics.md"
-echo "held-out strips (rows: input / CV-VAE / image VAE / errors): $W/eval/samples/sample_00.png (bigbuckbunny)," \
+echo "held-out strips (rows: input, CV-VAE, its error, image VAE, its error): $W/eval/samples/sample_00.png (bigbuckbunny)," \
      "sample_03.png (bikes), sample_06.png (carphone); all numbers: $W/eval/metrics.md"
 echo "training pictures: $W/cvvae/images/, loss curves: $W/image_vae/loss_curves.png, $W/cvvae/loss_curves.png"
 echo "demo wall time: $TIMES; total $SECONDS s"

@@ -415,6 +415,6 @@ def test_embedded_dataset_builds_offline_with_real_content(tmp_path, monkeypatch
   # The demo's probe reads the 9 held-out clips (the last segment of each source), in order, each once.
   ev = data.create_eval_iterator(config, process_index=0, process_count=1)
   batches = list(ev)
-  assert batches[0]["video"].shape == (2, 9, 64, 64, 3) and batches[0]["mask"].all()
+  assert batches[0]["video"].shape == (3, 9, 64, 64, 3) and batches[0]["mask"].all()
   held_out = [os.path.basename(p.split(":")[-1]) for b in batches for p, m in zip(b["path"], b["mask"]) if m]
   assert held_out == [f"{name}_{j}.mp4" for name in ("bigbuckbunny_1", "bikes_3", "carphone_1") for j in range(3)]

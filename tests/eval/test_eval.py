@@ -183,6 +183,11 @@ def test_resolve_data_kinds(tmp_path, embedded_src):
   assert spec(images).kind == "image"
   assert spec(videos, data_kind="image").kind == "image"
   assert spec("embedded:image") == sources.DataSpec(kind="image", source="embedded", split="train")
+  # the embedded clips: the held-out ones unless a split is named, as for any TFDS dataset
+  assert spec("embedded") == sources.DataSpec(kind="video", source="embedded", split="validation")
+  assert spec("embedded", split="train").split == "train"
+  with pytest.raises(config.EvaluationError, match=r"expected a split in \['train', 'validation'\], got 'test'"):
+    spec("embedded", split="test")
   with pytest.raises(config.EvaluationError, match="found 1 file"):
     spec(junk)
   with pytest.raises(config.EvaluationError, match="got a file"):

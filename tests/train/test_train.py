@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import cvvae_jax
@@ -27,6 +28,7 @@ def tiny_config(image_vae_path: str = "", num_steps: int = 4):
     c.image_vae.path = image_vae_path
     c.loss.disc_start = 2
     c.loss.perceptual_weight = 0.0  # LPIPS has its own tests; without it these compile in seconds
+    c.train.generator_only_before_gan = False  # G and D alternate from step 0: resume tests cover both optimizers
     c.train.num_steps = num_steps
     c.train.log_every_steps = 1
     c.train.image_every_steps = 1000
@@ -144,6 +146,24 @@ def test_update_alternation():
 def _final_params(workdir):
   _, params = cvvae_jax.load_pretrained(workdir)
   return params
+
+
+def test_generator_only_before_gan_in_the_loop(image_vae_dir, tmp_path):
+  c = tiny_config(image_vae_dir, num_steps=4)
+  with c.unlocked():
+    c.train.generator_only_before_gan, c.train.checkpoint_every_steps = True, 1000
+  state = loop.train_and_evaluate(c, str(tmp_path / "w"))
+  with open(tmp_path / "w" / "history.json") as f:
+    history = json.load(f)
+  # steps 0, 1 (before disc_start 2) and 2 update G, step 3 updates D; the history is keyed by steps done
+  assert [s for s, _ in history["loss/total"]] == [1, 2, 3] and [s for s, _ in history["disc/loss"]] == [4]
+  # each optimizer counted its own updates (their lrs follow from the counts: optim.step_of_update, test_optim.py)
+  def adam_count(opt_state):
+    found = [s.count for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(
+        x, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)]
+    assert len(found) == 1
+    return int(found[0])
+  assert int(state.step) == 4 and adam_count(state.opt_state) == 3 and adam_count(state.disc_opt_state) == 1
 
 
 @pytest.mark.slow  # four short training runs (~4 min on 2 cores)
