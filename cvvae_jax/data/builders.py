@@ -37,7 +37,14 @@ from cvvae_jax.data import folders
 from cvvae_jax.data.sampling import Kind
 
 SPLIT_NAMES = ("train", "validation", "test")
+SPLIT_PREFERENCE = ("validation", "test", "train")  # the split evaluation reads when none is named
 _PROBE_WORKERS = max(1, min(8, os.cpu_count() or 1))
+
+
+def preferred_split(splits) -> str:
+  """Of a dataset's split names: validation, else test, else train, else the first."""
+  splits = list(splits)
+  return next((s for s in SPLIT_PREFERENCE if s in splits), splits[0])
 
 
 class _FolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):

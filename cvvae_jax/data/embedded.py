@@ -146,15 +146,15 @@ def prepare_embedded_dataset(data_dir: str) -> str:
   return tfds_dir
 
 
-def default_split(kind: str, split: str = "") -> str:
-  """The embedded `kind`'s split to read: `split`, or validation (the held-out clips) where the kind has one, as for
-  any TFDS dataset (`sources.SPLIT_PREFERENCE`); raises ValueError for a split the embedded set lacks."""
+def resolve_split(kind: str, split: str = "") -> str:
+  """The embedded `kind`'s split to read: `split`, or as for any TFDS dataset `builders.preferred_split` (the
+  held-out validation clips where the kind has them); raises ValueError for a split the embedded set lacks."""
   if split and split not in SPLITS[kind]:
     raise ValueError(f"the embedded {kind}s: expected a split in {list(SPLITS[kind])}, got {split!r}")
-  return split or ("validation" if "validation" in SPLITS[kind] else "train")
+  return split or builders.preferred_split(SPLITS[kind])
 
 
 def split_folder(src: str, kind: str, split: str = "train") -> str:
   """The folder of `split`'s files under `assemble_embedded_folders`'s `src` (e.g. to copy real files from)."""
-  default_split(kind, split)
+  resolve_split(kind, split)
   return os.path.join(src, kind, split) if len(SPLITS[kind]) > 1 else os.path.join(src, kind)

@@ -27,7 +27,6 @@ from cvvae_jax.data import builders, embedded, folders, index, media
 from cvvae_jax.data.sampling import Kind
 from cvvae_jax.data.stats import DataStats
 
-SPLIT_PREFERENCE = ("validation", "test", "train")  # the split evaluation reads when none is named
 EMBEDDED = "embedded"  # the `--data` value naming the built-in clips (`embedded:video`, `embedded:image`)
 
 
@@ -130,12 +129,6 @@ def prepared_builder(name: str, data_dir: str | None, kind: str = "video|image")
         f"`python -m cvvae_jax.data.prepare --kind={kind} --data=<your folder> --data_dir=<data_dir>` "
         "(or `tfds build`).")
   return builder
-
-
-def default_split(builder: tfds.core.DatasetBuilder) -> str:
-  """validation, else test, else train, else the dataset's first split."""
-  splits = list(builder.info.splits)
-  return next((s for s in SPLIT_PREFERENCE if s in splits), splits[0])
 
 
 def encoded_feature(features) -> str:
@@ -242,7 +235,7 @@ def describe_data(data: str, *, kind: str = "auto", data_dir: str = "", split: s
     named = data.split(":", 1)[1] if ":" in data else (kind if kind != "auto" else "video")
     if named not in ("video", "image"):
       raise ValueError(f"--data {data}: expected 'embedded', 'embedded:video' or 'embedded:image'")
-    return DataSpec(kind=named, source="embedded", split=embedded.default_split(named, split))
+    return DataSpec(kind=named, source="embedded", split=embedded.resolve_split(named, split))
   if paths.is_remote(data) or os.path.exists(data):
     if not paths.path(data).is_dir():
       raise ValueError(f"--data {data}: expected a folder of videos or images (or a TFDS name), got "
@@ -259,8 +252,8 @@ def describe_data(data: str, *, kind: str = "auto", data_dir: str = "", split: s
     raise ValueError(f"--data {data}: expected --data_key naming the feature with encoded files, one of "
                      f"{list(features)}")
   return DataSpec(kind=kind if kind != "auto" else ("video" if "num_frames" in features else "image"),
-                  source="tfds", tfds_name=data, split=split or default_split(builder), data_dir=data_dir,
-                  data_key=key)
+                  source="tfds", tfds_name=data, split=split or builders.preferred_split(builder.info.splits),
+                  data_dir=data_dir, data_key=key)
 
 
 def open_source(*, kind: str | Kind, source: str, path: str = "", tfds_name: str = "",
@@ -294,7 +287,7 @@ def open_source(*, kind: str | Kind, source: str, path: str = "", tfds_name: str
     if not embedded_dir:
       raise ValueError(f"expected config.embedded_dir to be set for {where}.source='embedded'")
     tfds_dir = embedded.prepare_embedded_dataset(embedded_dir)
-    return TfdsSource(embedded.DATASET_NAMES[kind.value], split=embedded.default_split(kind.value, split),
+    return TfdsSource(embedded.DATASET_NAMES[kind.value], split=embedded.resolve_split(kind.value, split),
                       data_dir=tfds_dir, kind=kind, stats=stats)
   raise ValueError(f"{where}.source: expected 'folder', 'tfds' or 'embedded', got {source!r}")
 
