@@ -9,6 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 W=${1:-workdir_demo}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+# JAX's persistent compilation cache: a second run of the demo skips most of its compiling.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/cvvae_jax/jax_cache}
 TIMES=""
 stage() {  # stage NAME COMMAND...: runs it and adds its wall time to the summary printed at the end
   local name=$1 start=$SECONDS

@@ -58,5 +58,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.seed = c.get_ref("seed")
   if scale == "demo":
     c.data.streams.video.batch_size = 1  # 9x64x64 clips: the costly stream on a 2-core CPU
+    del c.data.streams["image"]  # images: single frames of the training clips, not the embedded photos
+    c.data.streams.frames = data_config.demo_frames_stream()
+    c.loss.perceptual_frames = 3  # LPIPS on 3 of each clip's 9 frames: the video step's largest cost, a third
   c.mesh = common.mesh_section()
   return c

@@ -10,6 +10,7 @@ placeholders: set `streams.video.path` and `streams.image.path` (folders), or sw
 use under `embedded_dir`): 9x64x64 clips from a 64..80 short-side resize at stride 1..4 (batch 2),
 64x64 images (batch 4), drawn 50/50 at random per step, from the embedded "train" split; the probe
 (`eval`) reads the 9 held-out clips of the "validation" split (`data/embedded.py`), 9 frames at stride 2.
+The demo training configs replace the photos with `demo_frames_stream()`, single frames of the training clips.
 
 Each stream: kind ("video"|"image"), source ("folder"|"tfds"|"embedded"), path (folder), tfds_name,
 split, data_dir, data_key (the feature with encoded bytes; "image" for a standard TFDS image
@@ -39,6 +40,16 @@ def _eval(**overrides) -> ml_collections.ConfigDict:
             data_key="data", frames=33, stride=3, size=(256, 256), short_side=256, batch_size=1)
   ev.update(overrides)
   return ml_collections.ConfigDict(ev)
+
+
+def demo_frames_stream() -> ml_collections.ConfigDict:
+  """An image stream of single 64x64 frames (batch 4) of the embedded training clips, `[4, 1, 64, 64, 3]`.
+
+  The demo's image stream: its probe and evaluation are frames of these scenes, and an image VAE trained on the 8
+  embedded photos (a galaxy field, a retina, cells, ...) reconstructed them far worse (README, quick start).
+  """
+  return _stream(kind="video", source="embedded", weight=0.5, batch_size=4, frames=1, stride=(1, 1),
+                 size=(64, 64), short_side=(64, 80), crop="random")
 
 
 def get_config(scale: str = "full") -> ml_collections.ConfigDict:

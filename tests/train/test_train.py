@@ -38,7 +38,7 @@ def tiny_config(image_vae_path: str = "", num_steps: int = 4):
     c.optim.generator.total_steps = 100
     video = c.data.streams.video
     video.frames, video.size, video.short_side, video.batch_size, video.stride = 5, (16, 16), (16, 20), 8, (1, 2)
-    del c.data.streams["image"]
+    del c.data.streams["frames"]
   return c
 
 
