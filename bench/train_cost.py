@@ -1,7 +1,8 @@
 r"""Cost of one training step: FLOPs and memory per device of the full config, measured step time of the demo.
 
     python bench/train_cost.py [--parts full,demo] [--cases g_f32,g_bf16_remat,g_bf16_remat_sp4,...]
-        [--fsdp 1] [--platform cpu] [--budget_s 600] [--demo_repeats 5] [--out bench/results | FILE.json]
+        [--fsdp 1] [--platform cpu] [--budget_s 600] [--demo_repeats 5] [--demo_compare KEY=VALUE,...]
+        [--out bench/results | FILE.json]
 
 full: the paper's run, `configs/cvvae.py:sd21,full` (SD2.1 CV-VAE 128-256-512-512 x 2 res blocks, LPIPS, the
   frozen SD2.1 image VAE as the latent regularizer, the 3D PatchGAN), one 17x256x256 clip per device (global batch
@@ -23,7 +24,10 @@ full: the paper's run, `configs/cvvae.py:sd21,full` (SD2.1 CV-VAE 128-256-512-51
   gathered for the step's compute when both are > 1: `sharding.params_at_use`).
 demo: `configs/cvvae.py:sd21,demo` on this CPU, one device, random weights (the demo image VAE architecture as the
   regularizer, the packaged LPIPS): compile time, median step time of `--demo_repeats` calls after one warm-up,
-  FLOPs and GFLOP/s of each of the four programs the demo runs (generator/discriminator x clip/image batch).
+  FLOPs and GFLOP/s of each of the four programs the demo runs (generator/discriminator x clip/image batch), and
+  their ratio to numpy's fp32 matmul rate measured at the start of the same run. `--demo_compare
+  loss.perceptual_frames=0` measures the demo config a second time with those config overrides (a worker of its
+  own, after the first), side by side with the first: the same programs before and after a setting.
 
 Writes `<out>/train_cost.json` and `<out>/train_cost.md` (or `FILE.json` and `FILE.md`). Interpretation and
 accelerator estimates: bench/README_train.md and docs/scale.md.
@@ -179,8 +183,27 @@ def worker_full(case_name: str, fsdp: int, compile_: bool) -> dict:
   return out
 
 
-def worker_demo(repeats: int) -> dict:
-  """The demo config's four programs on this CPU (one device), random weights."""
+def apply_overrides(config, overrides: str) -> None:
+  """'loss.perceptual_frames=0,train.remat="full"' -> sets those fields of `config` (values as Python literals)."""
+  import ast
+  for item in filter(None, (i.strip() for i in overrides.split(","))):
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"expected KEY=VALUE in --demo_compare, got {item!r}")
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+      node = node[name]
+    if leaf not in node:
+      raise KeyError(f"--demo_compare: the demo config has no field {key!r}")
+    try:
+      node[leaf] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      node[leaf] = value  # a bare string
+
+
+def worker_demo(repeats: int, overrides: str = "") -> dict:
+  """The demo config's four programs on this CPU (one device), random weights; `overrides` as `apply_overrides`."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -191,6 +214,7 @@ def worker_demo(repeats: int) -> dict:
   from cvvae_jax.train.state import init_state
 
   config = cvvae_config.get_config("sd21,demo")
+  apply_overrides(config, overrides)
   image_vae = build.build_vae(image_vae_config.get_config("sd21,demo").model)
   models = build.build_models(config, image_vae)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
@@ -204,7 +228,8 @@ def worker_demo(repeats: int) -> dict:
   state = jax.jit(functools.partial(init_state, models), out_shardings=state_sh)(jax.random.PRNGKey(0))
   rng = jax.random.PRNGKey(0)
   rows = []
-  for stream in ("video", "image"):
+  streams = sorted(config.data.streams, key=lambda n: n != "video")  # the clip stream first
+  for stream in streams:
     s = config.data.streams[stream]
     shape = (s.batch_size, s.frames, *s.size, 3)
     x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
@@ -231,8 +256,7 @@ def worker_demo(repeats: int) -> dict:
                        step_s=round(step_s, 3), flops=flops, gflops_per_s=round(flops / step_s / 1e9, 1)
                        if flops else None, memory_gib=_memory(compiled)))
       print(json.dumps({"partial": rows[-1]}), flush=True)
-  return {"rows": rows, "mix": dict(video=float(config.data.streams.video.weight),
-                                    image=float(config.data.streams.image.weight))}
+  return {"rows": rows, "mix": {n: float(config.data.streams[n].weight) for n in streams}}
 
 
 def matmul_gflops() -> float:
@@ -262,6 +286,19 @@ def run_worker(args: list[str], env_extra: dict[str, str], budget_s: float) -> t
   return result, status
 
 
+def demo_report(result: dict | None, status: str, overrides: str) -> dict:
+  """A demo worker's rows, with the mean step time of the demo's stream mix (G and D alternating)."""
+  out = dict(rows=result["rows"] if result and "rows" in result else ([result] if result else []),
+             status=status, mix=(result or {}).get("mix"), overrides=overrides)
+  rows = {(r["stream"], r["update"]): r["step_s"] for r in out["rows"]}
+  mix = out["mix"]
+  if mix and len(rows) == 2 * len(mix):
+    total = sum(mix.values())
+    out["mean_step_s"] = sum(mix[s] / total * (rows[(s, "generator")] + rows[(s, "discriminator")]) / 2
+                             for s in mix)
+  return out
+
+
 def _fmt(x, digits=2):
   if x is None:
     return "-"
@@ -287,17 +324,21 @@ def write_markdown(path: str, report: dict) -> None:
                    f"{_fmt(m.get('temp'))} | {_fmt(max(m['output'] - m['alias'], 0.0) if m else None)} | "
                    f"{_fmt(m.get('peak_estimate'))} | {_fmt(r.get('compile_s'), 0)} | {r['status']} |")
     lines.append("")
-  if report.get("demo"):
-    lines += ["## Demo config (sd21,demo) on this CPU, one device", "",
-              "| stream | batch | update | compile s | step s | GFLOP/step | GFLOP/s | temp GiB |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in report["demo"]["rows"]:
+  for key, title in (("demo", "Demo config (sd21,demo) on this CPU, one device"),
+                     ("demo_compare", f"The same with {report.get('demo_compare', {}).get('overrides')}")):
+    if not report.get(key):
+      continue
+    lines += [f"## {title}", "",
+              "| stream | batch | update | compile s | step s | GFLOP/step | GFLOP/s | x matmul | temp GiB |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in report[key]["rows"]:
+      ratio = r["gflops_per_s"] and r["gflops_per_s"] / report["matmul_gflops"]
       lines.append(f"| {r['stream']} | {'x'.join(map(str, r['batch']))} | {r['update']} | {r['compile_s']} | "
                    f"{r['step_s']} | {_fmt(r['flops'] and r['flops'] / 1e9, 1)} | {_fmt(r['gflops_per_s'], 1)} | "
-                   f"{_fmt(r['memory_gib']['temp'], 3)} |")
-    if report["demo"].get("mean_step_s") is not None:
-      lines += ["", f"Mean step time of the demo's mix (streams drawn {report['demo']['mix']}, G and D "
-                f"alternating): {report['demo']['mean_step_s']:.3f} s"]
+                   f"{_fmt(ratio)} | {_fmt(r['memory_gib']['temp'], 3)} |")
+    if report[key].get("mean_step_s") is not None:
+      lines += ["", f"Mean step time of the demo's mix (streams drawn {report[key]['mix']}, G and D "
+                f"alternating): {report[key]['mean_step_s']:.3f} s"]
     lines.append("")
   with open(path, "w") as f:
     f.write("\n".join(lines))
@@ -316,6 +357,8 @@ def main(argv=None) -> int:
   parser.add_argument("--budget_s", type=float, default=600, help="seconds per worker process")
   parser.add_argument("--lower_only", action="store_true", help="full config: FLOPs only, no compile")
   parser.add_argument("--demo_repeats", type=int, default=5)
+  parser.add_argument("--demo_compare", default="",
+                      help="config overrides KEY=VALUE[,KEY=VALUE] of a second demo measurement, side by side")
   parser.add_argument("--out", default=os.path.join(REPO, "bench", "results"),
                       help="a folder (train_cost.json + train_cost.md in it) or a FILE.json (FILE.md beside it)")
   parser.add_argument("--_worker", default="", help=argparse.SUPPRESS)
@@ -323,7 +366,8 @@ def main(argv=None) -> int:
 
   if args._worker:  # pylint: disable=protected-access
     kind, _, name = args._worker.partition(":")
-    result = worker_full(name, args.fsdp, not args.lower_only) if kind == "full" else worker_demo(args.demo_repeats)
+    result = (worker_full(name, args.fsdp, not args.lower_only) if kind == "full"
+              else worker_demo(args.demo_repeats, args.demo_compare))
     print(json.dumps({"result": result}), flush=True)
     return 0
 
@@ -350,17 +394,13 @@ def main(argv=None) -> int:
       report["full"].append(row)
       print(json.dumps(row), flush=True)
   if "demo" in parts:
-    result, status = run_worker(["--_worker", "demo", "--demo_repeats", str(args.demo_repeats)],
-                                {"JAX_PLATFORMS": args.platform}, args.budget_s)
-    report["demo"] = dict(rows=result["rows"] if result and "rows" in result else ([result] if result else []),
-                          status=status, mix=(result or {}).get("mix"))
-    rows = {(r["stream"], r["update"]): r["step_s"] for r in report["demo"]["rows"]}
-    mix = report["demo"]["mix"]
-    if mix and len(rows) == 4:
-      total = sum(mix.values())
-      report["demo"]["mean_step_s"] = sum(mix[s] / total * (rows[(s, "generator")] + rows[(s, "discriminator")]) / 2
-                                          for s in mix)
-    print(json.dumps(report["demo"]), flush=True)
+    for key, overrides in (("demo", ""), ("demo_compare", args.demo_compare)):
+      if key == "demo_compare" and not overrides:
+        continue
+      result, status = run_worker(["--_worker", "demo", "--demo_repeats", str(args.demo_repeats),
+                                   "--demo_compare", overrides], {"JAX_PLATFORMS": args.platform}, args.budget_s)
+      report[key] = demo_report(result, status, overrides)
+      print(json.dumps(report[key]), flush=True)
   json_path = args.out if args.out.endswith(".json") else os.path.join(args.out, "train_cost.json")
   os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
   with open(json_path, "w") as f:

@@ -97,10 +97,17 @@ def _lacks_wanted(root: str, subfolder: str | None, variant: str | None) -> bool
   folder = os.path.join(root, subfolder) if subfolder else root
   if not os.path.isdir(folder):
     return True
-  here = os.listdir(folder)
-  if CONFIG_NAME not in here or FLAX_PATTERNS[0] in here:
-    return False
-  return {weight_files.weights_name(variant), weight_files.index_name(variant)}.isdisjoint(here)
+  return _lacks_weights(os.listdir(folder), variant)
+
+
+def _wanted_weights(variant: str | None) -> set[str]:
+  return {weight_files.weights_name(variant), weight_files.index_name(variant)}
+
+
+def _lacks_weights(names, variant: str | None) -> bool:
+  """Whether a folder's file `names` are a PyTorch-layout model folder (a config, not our Flax export) without the
+  weights file of `variant`."""
+  return CONFIG_NAME in names and FLAX_PATTERNS[0] not in names and _wanted_weights(variant).isdisjoint(names)
 
 
 def _check_listing(repo_id: str, commit: str, subfolder: str | None, variant: str | None, what: str) -> None:
@@ -115,16 +122,14 @@ def _check_listing(repo_id: str, commit: str, subfolder: str | None, variant: st
   if subfolder and not any(f.startswith(prefix) for f in files):
     raise FileNotFoundError(f"{what} has no subfolder {subfolder!r}; folders with a {CONFIG_NAME}: {folders}")
   here = [f[len(prefix):] for f in files if f.startswith(prefix) and "/" not in f[len(prefix):]]
-  if CONFIG_NAME not in here or FLAX_PATTERNS[0] in here:
-    return  # not a model folder (the checks below name the subfolders), or our Flax export
-  wanted = {weight_files.weights_name(variant), weight_files.index_name(variant)}
-  if wanted.isdisjoint(here):
+  if _lacks_weights(here, variant):  # (else: the weights are there, or no model folder, or our Flax export)
     held = weight_files.variants_of(here)
     if not held and any(n in weight_files.PICKLE_NAMES for n in here):
       raise ValueError(f"{what}: {prefix or 'the repo root'} holds PyTorch pickles only; they are never downloaded "
                        f"or loaded here (unpickling runs code from the file). Expected {weight_files.WEIGHTS_NAME}")
-    raise FileNotFoundError(f"{what}: expected {' or '.join(sorted(wanted))} in {prefix or 'the repo root'}; the repo "
-                            f"holds the variant(s) {held} there (pass variant=...)")
+    raise FileNotFoundError(f"{what}: expected {' or '.join(sorted(_wanted_weights(variant)))} in "
+                            f"{prefix or 'the repo root'}; the repo holds the variant(s) {held} there "
+                            f"(pass variant=...)")
 
 
 def resolve_model_path(path: str | os.PathLike, *, subfolder: str | None = None, revision: str | None = None,
