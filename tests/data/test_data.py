@@ -10,6 +10,7 @@ import os
 import socket
 import time
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -418,3 +419,9 @@ def test_embedded_dataset_builds_offline_with_real_content(tmp_path, monkeypatch
   assert batches[0]["video"].shape == (3, 9, 64, 64, 3) and batches[0]["mask"].all()
   held_out = [os.path.basename(p.split(":")[-1]) for b in batches for p, m in zip(b["path"], b["mask"]) if m]
   assert held_out == [f"{name}_{j}.mp4" for name in ("bigbuckbunny_1", "bikes_3", "carphone_1") for j in range(3)]
+  # The demo training configs' image stream: single frames of the training clips.
+  config.streams = ml_collections.ConfigDict({"frames": data_config.demo_frames_stream()})
+  it = data.create_train_iterator(config, seed=0, process_index=0, process_count=1)
+  frames = np.concatenate([next(it)["video"] for _ in range(2)])
+  it.close()
+  assert frames.shape == (8, 1, 64, 64, 3) and frames.std(axis=(2, 3)).mean() > 0.1
