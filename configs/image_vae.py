@@ -29,15 +29,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.image_vae = ml_collections.ConfigDict(dict(path=""))  # unused: no regularizer for the image VAE itself
   c.init_from = ml_collections.ConfigDict(dict(kind="scratch", path=""))
   c.loss = ml_collections.ConfigDict(dict(
-      # The demo has no GAN phase: in its last 40 of 160 steps it cost 0.2-0.3 dB on the held-out frames.
-      kl_weight=1e-6, perceptual_weight=0.5, disc_weight=0.5, disc_start=50_001 if scale == "full" else 1_000_000,
+      # The demo trains on L1 alone (README, quick start): no GAN phase (in the last 40 of 160 steps it cost
+      # 0.2-0.3 dB on the held-out frames) and no LPIPS (without it a step costs under half, and 160 steps score
+      # 17.7 dB held-out against 17.3 with it; the time buys 3x the steps).
+      kl_weight=1e-6, perceptual_weight=0.5 if scale == "full" else 0.0, disc_weight=0.5, disc_start=50_001 if scale == "full" else 1_000_000,
       reg_decoder_weight=0.0, reg_encoder_weight=0.0, logvar_init=0.0, psi="random",
       adaptive_weight_eps=1e-4, adaptive_weight_max=1e4))
   c.discriminator = ml_collections.ConfigDict(dict(ndf=64 if scale == "full" else 32,
                                                    n_layers=3 if scale == "full" else 2))
   c.train = common.train_section(scale)
   if scale == "demo":
-    c.train.num_steps = 160
+    c.train.num_steps = 480  # held-out probe: 17.7 dB after 160 steps; in a 480-step run 18.2 at 160, 20.6 at 480
+    c.train.eval_every_steps = 80  # the probe scores 81 frames: every 20 steps it cost ~15 % of the stage
   c.optim = common.optim_section(scale, c.train.num_steps)
   if scale == "demo":
     c.optim.generator.peak_lr = 1e-3  # held-out probe at step 160: +0.4 dB over 4e-4 (README, quick start)
