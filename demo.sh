@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole demo on a laptop CPU (about 10 minutes on 2 cores, 8 with JAX's compilation cache warm), on real clips
+# The whole demo on a laptop CPU (about 9 minutes on 2 cores with an empty compilation cache), on real clips
 # that a pip package ships:
 #   1. train a small SD-architecture image VAE on single frames of the embedded training clips,
 #   2. inflate it into a small CV-VAE and train that with the frozen image VAE as the latent regularizer,
