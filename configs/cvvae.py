@@ -42,7 +42,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict(dict(
       kl_weight=1.0 if scale == "full" else 1e-6, perceptual_weight=0.5, disc_weight=0.5,
-      disc_start=1 if scale == "full" else 1_000_000,  # the demo: no GAN phase (README, quick start) reg_decoder_weight=1.0, reg_encoder_weight=0.0,
+      # The demo: no GAN phase (disc_start past its last step; README, quick start).
+      disc_start=1 if scale == "full" else 1_000_000, reg_decoder_weight=1.0, reg_encoder_weight=0.0,
       logvar_init=0.0, psi="random", adaptive_weight_eps=1e-4, adaptive_weight_max=1e4,
       # LPIPS on this many random frames of each clip per step (an unbiased estimate at k/T of the cost; the
       # original: 0, every frame).

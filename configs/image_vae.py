@@ -32,7 +32,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       # The demo trains on L1 alone (README, quick start): no GAN phase (in the last 40 of 160 steps it cost
       # 0.2-0.3 dB on the held-out frames) and no LPIPS (without it a step costs under half, and 160 steps score
       # 17.7 dB held-out against 17.3 with it; the time buys 3x the steps).
-      kl_weight=1e-6, perceptual_weight=0.5 if scale == "full" else 0.0, disc_weight=0.5, disc_start=50_001 if scale == "full" else 1_000_000,
+      kl_weight=1e-6, perceptual_weight=0.5 if scale == "full" else 0.0, disc_weight=0.5,
+      disc_start=50_001 if scale == "full" else 1_000_000,
       reg_decoder_weight=0.0, reg_encoder_weight=0.0, logvar_init=0.0, psi="random",
       adaptive_weight_eps=1e-4, adaptive_weight_max=1e4))
   c.discriminator = ml_collections.ConfigDict(dict(ndf=64 if scale == "full" else 32,
