@@ -35,7 +35,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       kl_weight=1e-6, perceptual_weight=0.5 if scale == "full" else 0.0, disc_weight=0.5,
       disc_start=50_001 if scale == "full" else 1_000_000,
       reg_decoder_weight=0.0, reg_encoder_weight=0.0, logvar_init=0.0, psi="random",
-      adaptive_weight_eps=1e-4, adaptive_weight_max=1e4))
+      adaptive_weight_eps=1e-4, adaptive_weight_max=1e4, perceptual_frames=0))  # frames: for clips only
   c.discriminator = ml_collections.ConfigDict(dict(ndf=64 if scale == "full" else 32,
                                                    n_layers=3 if scale == "full" else 2))
   c.train = common.train_section(scale)
