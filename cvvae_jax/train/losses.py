@@ -277,7 +277,8 @@ def generator_loss(
       weights: a `LossWeights`.
       nll: `reconstruction_nll(...)[0]`.
       kl: `kl_loss(mean, logvar)`.
-      g_loss: `generator_adversarial_loss(D(x_hat))`.
+      g_loss: `generator_adversarial_loss(D(x_hat))` (the trainer passes 0 before disc_start, where its weight is 0
+    and it skips the discriminator).
       d_weight: `adaptive_generator_weight(grad nll, grad g, weights.disc_weight, ...)` (already times
     disc_weight, without gradient).
       step: the training step (may be traced).

@@ -52,7 +52,12 @@ def generator_objective(params, disc_params, frozen, x: Array, rng: Array, step:
   nll_of = lambda xh: losses.reconstruction_nll(x, xh, params["logvar"], perceptual, w.perceptual_weight)
   gan_of = lambda xh: losses.generator_adversarial_loss(models.disc.apply({"params": disc_params}, xh))
   nll, rec_metrics = nll_of(x_hat)
-  g_loss = gan_of(x_hat)
+  # Before disc_start the GAN term has weight 0: the discriminator's forward and backward on x_hat and the adaptive
+  # weight's extra backward passes are skipped at run time (conds in one compiled step, not a recompile). The
+  # pre-GAN steps (the demo's every step, the image VAE's first 50k) run no discriminator; `loss/g` reads 0 there.
+  gan_on = losses.disc_factor(step, w.disc_start) > 0
+  g_loss = jax.lax.cond(gan_on, lambda xh: jnp.asarray(gan_of(xh), jnp.float32),
+                        lambda xh: jnp.zeros((), jnp.float32), x_hat)
 
   def adaptive_weight():
     """||grad nll|| / (||grad g|| + eps) at the decoder's last conv kernel (by the chain rule through it)."""
@@ -67,9 +72,7 @@ def generator_objective(params, disc_params, frozen, x: Array, rng: Array, step:
     return losses.adaptive_generator_weight(grad_nll, grad_g, w.disc_weight, eps=w.adaptive_weight_eps,
                                             max_weight=w.adaptive_weight_max)
 
-  # Before disc_start the GAN term has weight 0: skip the extra backward passes (same compiled step).
-  d_weight = jax.lax.cond(losses.disc_factor(step, w.disc_start) > 0, adaptive_weight,
-                          lambda: jnp.zeros((), jnp.float32))
+  d_weight = jax.lax.cond(gan_on, adaptive_weight, lambda: jnp.zeros((), jnp.float32))
   kl = losses.kl_loss(post.mean, post.logvar)
 
   reg_decoder = reg_encoder = None
