@@ -53,8 +53,8 @@ def generator_objective(params, disc_params, frozen, x: Array, rng: Array, step:
   gan_of = lambda xh: losses.generator_adversarial_loss(models.disc.apply({"params": disc_params}, xh))
   nll, rec_metrics = nll_of(x_hat)
   # Before disc_start the GAN term has weight 0: the discriminator's forward and backward on x_hat and the adaptive
-  # weight's extra backward passes are skipped at run time (conds in one compiled step, not a recompile). The
-  # pre-GAN steps (the demo's every step, the image VAE's first 50k) run no discriminator; `loss/g` reads 0 there.
+  # weight's extra backward passes are skipped at run time (conds in one compiled step, not a recompile): pre-GAN
+  # steps run no discriminator, and `loss/g` reads 0 there.
   gan_on = losses.disc_factor(step, w.disc_start) > 0
   g_loss = jax.lax.cond(gan_on, lambda xh: jnp.asarray(gan_of(xh), jnp.float32),
                         lambda xh: jnp.zeros((), jnp.float32), x_hat)
