@@ -20,8 +20,8 @@ full: the paper's run, `configs/cvvae.py:sd21,full` (SD2.1 CV-VAE 128-256-512-51
   `img_` cases: the image stream (8 images of 320x320 per device, the released recipe). `_sp<K>`: the trainer's
   spatial axis, `config.mesh.spatial=K`: one clip on K devices (times `--fsdp`), its height split over them (the
   batch `P(("data", "fsdp"), None, "spatial")`, the models' activation constraints of `train/sharding.py`; XLA
-  partitions the convolutions with halo exchanges; parameters split over `fsdp` only, replicated over `spatial`,
-  gathered for the step's compute when both are > 1: `sharding.params_at_use`).
+  partitions the convolutions with halo exchanges; parameters and optimizer state split over `fsdp x spatial`,
+  the parameters gathered for the step's compute: `sharding.param_axes`, `sharding.params_at_use`).
 demo: `configs/cvvae.py:sd21,demo` on this CPU, one device, random weights (the demo image VAE architecture as the
   regularizer, the packaged LPIPS): compile time, median step time of `--demo_repeats` calls after one warm-up,
   FLOPs and GFLOP/s of each of the four programs the demo runs (generator/discriminator x clip/image batch), and

@@ -9,15 +9,17 @@ The mesh has three axes (`MESH_AXES`):
     GroupNorm's statistics. It is the last (fastest-varying) axis: a spatial group is K consecutive devices, which
     share a host and the fastest links (halos are exchanged at every convolution).
 The batch is split over `data` and `fsdp` (videos `[B, T, H, W, C]` as `P(("data", "fsdp"), None, "spatial")`, images
-`[B, H, W, C]` as `P(("data", "fsdp"), "spatial")`); parameters only over `fsdp` (replicated over `spatial`;
-gathered for the step's compute when both `fsdp` and `spatial` split, see `params_at_use`).
+`[B, H, W, C]` as `P(("data", "fsdp"), "spatial")`); parameters and optimizer moments over `fsdp` and, with a
+spatial split, over `spatial` too (`param_axes`: the devices of one spatial group hold the same clips, so they can
+split the state as FSDP's devices do; the step gathers the parameters for its compute, see `params_at_use`).
 
 Parameter shardings come from one rule table (as big_vision's `sharding.py`): a tuple of
 `(regex, policy)` pairs matched with `re.search` against the '/'-joined path of every leaf, first match
 wins. Policies (`Policy`):
-  * `"fsdp"`: split the leaf over `fsdp` along its largest dimension divisible by the `fsdp` size (ties:
-    the last such dimension, e.g. output channels of a `[T, H, W, I, O]` kernel); replicate it when no
-    dimension is divisible or it has fewer than `min_fsdp_size` elements;
+  * `"fsdp"`: split the leaf over the parameter axes (`param_axes`: `fsdp`, and `spatial` when it splits) along its
+    largest dimension divisible by their size (ties: the last such dimension, e.g. output channels of a
+    `[T, H, W, I, O]` kernel); replicate it when no dimension is divisible or it has fewer than `min_fsdp_size`
+    elements;
   * `"replicate"`: a copy on every device (biases, norm scales, step counters, PRNG keys).
 The rules work on any pytree of arrays or `jax.ShapeDtypeStruct` (from `jax.eval_shape`), so shardings are
 computed before anything is allocated; optimizer states match too, since their leaves' paths end with the
@@ -151,9 +153,18 @@ def leaf_path(path) -> str:
   return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
+def param_axes(mesh: Mesh) -> str | tuple[str, str]:
+  """The mesh axes the `"fsdp"` policy splits a leaf over: `"fsdp"`, or `("fsdp", "spatial")` when the mesh splits
+  the height (`mesh.spatial > 1`). Without a spatial split the specs (and programs) are those from before it."""
+  if mesh.shape.get(SPATIAL_AXIS, 1) == 1:
+    return PARAM_AXIS
+  return (PARAM_AXIS, SPATIAL_AXIS)
+
+
 def partition_spec(shape: Sequence[int], policy: Policy, fsdp_size: int,
-                   min_fsdp_size: int = DEFAULT_MIN_FSDP_SIZE) -> P:
-  """The PartitionSpec of one leaf of `shape` under `policy` (see the module docstring)."""
+                   min_fsdp_size: int = DEFAULT_MIN_FSDP_SIZE, axes: str | tuple[str, ...] = PARAM_AXIS) -> P:
+  """The PartitionSpec of one leaf of `shape` under `policy` (see the module docstring), split over `axes` (of
+  `fsdp_size` devices together) when it is."""
   shape = tuple(shape)
   if policy is Policy.REPLICATE or fsdp_size == 1 or math.prod(shape) < min_fsdp_size:
     return P()
@@ -161,7 +172,7 @@ def partition_spec(shape: Sequence[int], policy: Policy, fsdp_size: int,
   if not candidates:
     return P()
   dim = max(candidates, key=lambda d: (shape[d], d))  # largest; ties -> last
-  return P(*(PARAM_AXIS if d == dim else None for d in range(len(shape))))
+  return P(*(axes if d == dim else None for d in range(len(shape))))
 
 
 def _policy_for(path: str, rules: Sequence[Rule]) -> Policy:
@@ -177,10 +188,11 @@ def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES
   rules = parse_rules(rules)
   if PARAM_AXIS not in mesh.shape:
     raise ValueError(f"expected a mesh with axis {PARAM_AXIS!r}, got axes {tuple(mesh.shape)}")
-  fsdp_size = mesh.shape[PARAM_AXIS]
+  axes = param_axes(mesh)
+  size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
 
   def spec(path, leaf):
-    return partition_spec(np.shape(leaf), _policy_for(leaf_path(path), rules), fsdp_size, min_fsdp_size)
+    return partition_spec(np.shape(leaf), _policy_for(leaf_path(path), rules), size, min_fsdp_size, axes)
 
   return jax.tree_util.tree_map_with_path(spec, tree)
 
@@ -237,8 +249,8 @@ def activation_sharding(mesh: Mesh, gather_attention: bool = False) -> partition
 
 def params_at_use(tree: Any, mesh: Mesh | None) -> Any:
   """`tree` (parameters, any pytree of arrays) as the step's layers take them: gathered (replicated) when the mesh
-  splits both the parameters (`mesh.fsdp > 1`) and the height (`mesh.spatial > 1`), else `tree` itself (the program
-  is unchanged on every other mesh).
+  splits the height (`mesh.spatial > 1`, the parameters are then split over `param_axes`), else `tree` itself (the
+  program is unchanged on every other mesh).
 
   A workaround for an XLA SPMD partitioner bug (jax/jaxlib 0.10.2; the 2D repro below fails with Shardy and with
   GSPMD, its 3D form, as in the models, with Shardy, the default, only): in the backward pass of a convolution whose
@@ -254,12 +266,14 @@ def params_at_use(tree: Any, mesh: Mesh | None) -> Any:
       x: [2, 32, 16, 3] P("fsdp", "spatial");  k1: [3, 3, 3, 64] replicated;  k2: [3, 3, 64, 64] P(.., "fsdp")
       loss = mean(tanh(conv(tanh(conv(x, k1, stride 2)), k2, stride 1)));  jax.grad(loss)(x) is 4x the unsplit one
 
-  FSDP gathers every parameter for the compute anyway (XLA inserts the all-gathers either way); this gathers them at
-  the start of the step, so one full copy of the parameters is live per device during the step (their optimizer
-  moments stay split). Gradients through the constraint are reduced back to their shards by the step's output
-  shardings.
+  Kernels split over `spatial` itself (`param_axes`) are gathered the same way (whether the bug shows there was not
+  checked: gathering for the compute is what FSDP does anyway). FSDP gathers every parameter for the
+  compute anyway (XLA inserts the all-gathers either way); this gathers them at the start of the step, so one full
+  copy of the parameters is live per device during the step (their optimizer moments stay split). Gradients through
+  the constraint are reduced back to their shards by the step's output shardings (a reduce-scatter: the same
+  traffic as the all-reduce of replicated parameters).
   """
-  if mesh is None or mesh.shape.get(PARAM_AXIS, 1) == 1 or mesh.shape.get(SPATIAL_AXIS, 1) == 1:
+  if mesh is None or mesh.shape.get(SPATIAL_AXIS, 1) == 1:
     return tree
   replicated = NamedSharding(mesh, P())
   return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, replicated), tree)

@@ -91,6 +91,26 @@ def test_param_partition_specs_follow_rules():
   assert sharding.partition_spec((128, 128), sharding.Policy.FSDP, 4, 2**14 + 1) == P()
 
 
+def test_spatial_axis_splits_the_parameters_too():
+  """With a height split the devices of a spatial group split the parameters as FSDP's do: over `fsdp x spatial`
+  (here 2 x 2 = 4 devices); without one the specs are exactly those of before the spatial axis."""
+  _need_8_devices()
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "spatial": 2})
+  assert sharding.param_axes(mesh) == ("fsdp", "spatial")
+  specs = sharding.partition_specs(_abstract_params(), mesh, min_fsdp_size=1024)["encoder"]
+  assert specs["conv_in"]["kernel"] == P(None, None, None, None, ("fsdp", "spatial"))
+  assert specs["proj"]["kernel"] == P(("fsdp", "spatial"), None)
+  assert specs["odd"]["kernel"] == P()  # 129, 255: neither divisible by 4
+  assert specs["norm_out"]["extra"] == P()
+  only_spatial = sharding.make_mesh({"data": 2, "fsdp": 1, "spatial": 4})
+  assert sharding.partition_specs(_abstract_params(), only_spatial, min_fsdp_size=1024)["encoder"]["square"][
+      "kernel"] == P(None, ("fsdp", "spatial"))
+  no_split = sharding.make_mesh({"data": 2, "fsdp": 4, "spatial": 1})
+  assert sharding.param_axes(no_split) == "fsdp"
+  assert sharding.partition_specs(_abstract_params(), no_split, min_fsdp_size=1024)["encoder"]["conv_in"][
+      "kernel"] == P(None, None, None, None, "fsdp")
+
+
 def test_fsdp_1_replicates_everything():
   _need_8_devices()
   mesh = sharding.make_mesh(train_config.mesh_section())
@@ -215,7 +235,8 @@ def test_batch_sharding_and_divisibility():
   mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
   assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"))
   assert sharding.check_batch_divisible(24, mesh, "config.batch_size") == 24
-  with pytest.raises(ValueError, match=r"config.batch_size=12 must be divisible .* mesh.data \* mesh.fsdp = 4 \* 2 = 8"):
+  with pytest.raises(ValueError,
+                     match=r"config.batch_size=12 must be divisible .* mesh.data \* mesh.fsdp = 4 \* 2 = 8"):
     sharding.check_batch_divisible(12, mesh, "config.batch_size")
   with pytest.raises(ValueError, match="expected config.eval_batch_size to be a positive int, got 0"):
     sharding.check_batch_divisible(0, mesh, "config.eval_batch_size")
