@@ -4,9 +4,10 @@
 nearest 2x upsampling in H and W. Inputs `[B, *spatial, C_in]`, kernels `[*k, C_in, C_out]`. `impl` (a
 `conv_impl.ConvImpl` or its name, `auto` resolved for `jax.default_backend()` when traced) chooses how a 3D
 convolution with more than one time tap is computed: `lax.conv_general_dilated` in 3D (`xla`, TPU and GPU) or the
-CPU forms of `cpu_conv.py`, which also tie derived kernels to their layer's input. The upsampling is either the
-upsampled copy then the convolution (`xla`) or sub-pixel (`subpixel`, without the copy). Convolutions accumulate in
-float32 whatever the compute dtype.
+CPU forms of `cpu_conv.py`, which also tie derived kernels to their layer's input. Every impl computes a 3D
+convolution of a one-frame input (images through the video model) as one 2D convolution (`_one_frame_taps`). The
+upsampling is either the upsampled copy then the convolution (`xla`) or sub-pixel (`subpixel`, without the copy).
+Convolutions accumulate in float32 whatever the compute dtype.
 """
 from __future__ import annotations
 
@@ -53,6 +54,13 @@ def _conv_float32(x: Array, kernel: Array, *, strides: tuple[int, ...] | None, p
   strides = strides or (1,) * rank
   cpu_form = impl is not ConvImpl.XLA
   time_taps = rank == 3 and kernel.shape[0] > 1
+  if time_taps and x.shape[1] == 1 and _one_frame_taps(kernel.shape[0], padding[0], strides[0]):
+    # One input frame (images through the video model): one 2D convolution with the taps that read it merged.
+    taps = _one_frame_taps(kernel.shape[0], padding[0], strides[0])
+    kernel = cpu_conv.tie_kernel(x, kernel) if cpu_form else kernel
+    merged = functools.reduce(lax.add, [kernel[k].astype(jnp.float32) for k in taps]).astype(kernel.dtype)
+    return _conv_float32(x[:, 0], merged, strides=strides[1:], padding=padding[1:], dtype=dtype,
+                         precision=precision, impl=impl)[:, None]
   if cpu_form and (time_taps or kernel.dtype != dtype):  # kernel taps or a cast: derived per call
     kernel = cpu_conv.tie_kernel(x, kernel)
   if cpu_form and time_taps:
@@ -69,6 +77,22 @@ def _conv_float32(x: Array, kernel: Array, *, strides: tuple[int, ...] | None, p
   conv = functools.partial(_conv_low_precision_backward if dtype != jnp.float32 else _conv, tuple(strides),
                            tuple(map(tuple, conv_pad)), _dimension_numbers(rank), precision)
   return conv(x.astype(dtype), kernel.astype(dtype))  # accumulates in float32 also for bf16 compute
+
+
+def _one_frame_taps(kt: int, time_pad: tuple[int, int, Pad], stride: int) -> tuple[int, ...]:
+  """The time taps that read the frame of a one-frame input, when the padded frame gives exactly one output frame
+  (else `()`): every tap with replicate padding (the padding frames are copies of it), the tap over it with zeros.
+
+  Output frame 0 reads padded frames 0 .. kt - 1, of which the input frame is number `before`; the others are
+  padding. So the 3D convolution of a `[B, 1, H, W, C]` input is the 2D convolution of its frame with those taps of
+  the kernel summed: the same result up to float summation order, without the padded copy and at 1/kt of the
+  multiply-adds where every tap reads it (the causal convolutions of the CV-VAE on its image stream)."""
+  before, after, mode = time_pad
+  if (1 + before + after - kt) // stride + 1 != 1:
+    return ()
+  if mode is Pad.REPLICATE:
+    return tuple(range(kt))
+  return (before,) if before < kt else ()  # (zeros: no tap over the frame, an all-bias output: not merged)
 
 
 def _conv(strides, padding, dimension_numbers, precision, x: Array, kernel: Array) -> Array:

@@ -204,3 +204,34 @@ def test_the_choice_comes_from_the_config_and_the_command_lines(tmp_path):
     reconstruct.parser().parse_args(["--model", "m", "--input", "i", "--out", "o", "--conv_impl", "cudnn"])
   with pytest.raises(eval_config.EvaluationError, match="conv_impl: expected one of"):
     eval_config.EvalConfig(model="m", data="d", out="o", conv_impl="cudnn")
+
+
+def _explicit_3d(strides, padding):
+  """The 3D convolution with its padding made explicit (edge or zeros per axis), then one VALID convolution."""
+  def conv(x, k):
+    for axis, (lo, hi, mode) in enumerate(padding, start=1):
+      pad = [(0, 0)] * x.ndim
+      pad[axis] = (lo, hi)
+      x = jnp.pad(x, pad, mode="edge" if mode is REPLICATE else "constant")
+    return jax.lax.conv_general_dilated(x, k, strides, "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+                                        precision=jax.lax.Precision.HIGHEST)
+  return conv
+
+
+@pytest.mark.parametrize("time_pad,stride", [(R2, 1), ((2, 0, ZEROS), 1), ((1, 1, REPLICATE), 1), (Z11, 1), (R2, 2),
+                                             ((1, 1, ZEROS), 2)])
+@pytest.mark.parametrize("impl", ["xla", "cpu"])
+def test_one_frame_inputs_are_one_2d_convolution(time_pad, stride, impl):
+  """A one-frame input (the image stream through the CV-VAE) is convolved in 2D with the taps that read its frame
+  merged (all of them with replicate padding, the one over it with zeros): the explicitly padded 3D convolution's
+  result and gradients, from one 2D convolution (no padded copy, 1/3 of the multiply-adds when causal)."""
+  x, kernel, bias = conv_arrays((2, 1, 6, 5, 3), (3, 3, 3, 3, 4), seed=7)
+  strides, padding = (stride, 1, 1), (time_pad, (1, 1, REPLICATE), Z11)
+  fn = lambda x, k: conv_ops.conv_apply(x, k, bias, strides=strides, padding=padding, impl=impl)
+  want = _value_and_grads(lambda x, k: _explicit_3d(strides, padding)(x, k) + bias, x, kernel)
+  got = _value_and_grads(fn, x, kernel)
+  assert got[0].shape == want[0].shape == (2, 1, 6, 5, 4)
+  _assert_same(got, want)
+  hlo = jax.jit(fn).lower(x, kernel).as_text()
+  assert hlo.count("stablehlo.convolution") == 1 and "[b, 0, 1, f]" in hlo  # one 2D convolution
+  assert conv_ops._one_frame_taps(3, (0, 0, ZEROS), 1) == ()  # a 3-tap kernel does not fit one unpadded frame
