@@ -203,6 +203,20 @@ def hinge_discriminator_loss(logits_real: jax.Array, logits_fake: jax.Array) -> 
   return 0.5 * (real + fake)
 
 
+def with_gradient(value: jax.Array, grad: jax.Array, x: jax.Array) -> jax.Array:
+  """`value` (a scalar f(x) computed elsewhere), differentiable as f: its gradient w.r.t. whatever `x` depends on is
+  `grad` (df/dx at this `x`, also computed elsewhere) sent back through `x` by the chain rule.
+
+      value + sum(stop_gradient(grad) * (x - stop_gradient(x)))      # = value exactly (x - x == 0)
+
+  A loss network's value and gradient w.r.t. the reconstruction can then be evaluated once, in the forward pass, and
+  the gradient reused (the adaptive GAN weight needs the same gradients), instead of the backward pass
+  differentiating the network a second time. The product is taken in float32; `x`'s cotangent comes out in its dtype.
+  """
+  delta = (x - jax.lax.stop_gradient(x)).astype(jnp.float32)
+  return jnp.asarray(value, jnp.float32) + jnp.sum(jax.lax.stop_gradient(grad).astype(jnp.float32) * delta)
+
+
 def generator_adversarial_loss(logits_fake: jax.Array) -> jax.Array:
   """-mean(logits_fake): the generator's GAN loss on the discriminator's logits for x_hat."""
   return -jnp.mean(logits_fake.astype(jnp.float32))

@@ -49,30 +49,36 @@ def generator_objective(params, disc_params, frozen, x: Array, rng: Array, step:
     if x.ndim == 5 and 0 < w.perceptual_frames < x.shape[1]:  # LPIPS on a random subset of each clip's frames
       perceptual = losses.frame_subset_perceptual(perceptual, jax.random.fold_in(rng, 1), x.shape[1],
                                                   w.perceptual_frames)
-  nll_of = lambda xh: losses.reconstruction_nll(x, xh, params["logvar"], perceptual, w.perceptual_weight)
+  nll_of = lambda xh, logvar: losses.reconstruction_nll(x, xh, logvar, perceptual, w.perceptual_weight)
   gan_of = lambda xh: losses.generator_adversarial_loss(models.disc.apply({"params": disc_params}, xh))
-  nll, rec_metrics = nll_of(x_hat)
-  # Before disc_start the GAN term has weight 0: the discriminator's forward and backward on x_hat and the adaptive
-  # weight's extra backward passes are skipped at run time (conds in one compiled step, not a recompile): pre-GAN
-  # steps run no discriminator, and `loss/g` reads 0 there.
-  gan_on = losses.disc_factor(step, w.disc_start) > 0
-  g_loss = jax.lax.cond(gan_on, lambda xh: jnp.asarray(gan_of(xh), jnp.float32),
-                        lambda xh: jnp.zeros((), jnp.float32), x_hat)
+  # The loss networks on the reconstruction (L1 + LPIPS; the discriminator from disc_start on) run once, with their
+  # gradients w.r.t. it, in the forward pass (`losses.with_gradient` sends those back through the decoder): the
+  # adaptive weight reuses the same gradients instead of differentiating the networks a second time.
+  xh, logvar = jax.lax.stop_gradient(x_hat), jax.lax.stop_gradient(params["logvar"])
+  (nll, rec_metrics), (nll_grad, logvar_grad) = jax.value_and_grad(nll_of, (0, 1), has_aux=True)(xh, logvar)
+  nll = losses.with_gradient(losses.with_gradient(nll, nll_grad, x_hat), logvar_grad, params["logvar"])
 
-  def adaptive_weight():
-    """||grad nll|| / (||grad g|| + eps) at the decoder's last conv kernel (by the chain rule through it)."""
-    kernel = params["vae"]["decoder"]["conv_out"]["kernel"]
-    bias = params["vae"]["decoder"]["conv_out"]["bias"]
+  def gan_terms(xh, nll_grad):
+    """(g_loss, its gradient w.r.t. x_hat, the adaptive weight ||grad nll|| / (||grad g|| + eps) at the decoder's
+    last conv kernel, by the chain rule through it)."""
+    g_loss, g_grad = jax.value_and_grad(gan_of)(xh)
+    kernel = jax.lax.stop_gradient(params["vae"]["decoder"]["conv_out"]["kernel"])
+    bias = jax.lax.stop_gradient(params["vae"]["decoder"]["conv_out"]["bias"])
     conv = lambda k: conv_ops.conv_apply(jax.lax.stop_gradient(h), k, bias, padding=decoder_style(models.vae)
-                                       .main_padding(), dtype=models.vae.dtype, impl=models.vae.conv_impl)
-    _, conv_vjp = jax.vjp(conv, jax.lax.stop_gradient(kernel))
-    xh = jax.lax.stop_gradient(x_hat)
-    grad_nll = conv_vjp(jax.grad(lambda v: nll_of(v)[0])(xh).astype(models.vae.dtype))[0]
-    grad_g = conv_vjp(jax.grad(gan_of)(xh).astype(models.vae.dtype))[0]
-    return losses.adaptive_generator_weight(grad_nll, grad_g, w.disc_weight, eps=w.adaptive_weight_eps,
-                                            max_weight=w.adaptive_weight_max)
+                                         .main_padding(), dtype=models.vae.dtype, impl=models.vae.conv_impl)
+    _, conv_vjp = jax.vjp(conv, kernel)
+    d_weight = losses.adaptive_generator_weight(
+        conv_vjp(nll_grad.astype(models.vae.dtype))[0], conv_vjp(g_grad.astype(models.vae.dtype))[0],
+        w.disc_weight, eps=w.adaptive_weight_eps, max_weight=w.adaptive_weight_max)
+    return jnp.asarray(g_loss, jnp.float32), g_grad, d_weight
 
-  d_weight = jax.lax.cond(gan_on, adaptive_weight, lambda: jnp.zeros((), jnp.float32))
+  # Before disc_start the GAN term has weight 0: the discriminator and the adaptive weight are skipped at run time
+  # (a cond in one compiled step, not a recompile, and not differentiated: its operands are constants of the
+  # gradient): pre-GAN steps run no discriminator, and `loss/g` reads 0 there.
+  gan_on = losses.disc_factor(step, w.disc_start) > 0
+  no_gan = lambda xh, _: (jnp.zeros((), jnp.float32), jnp.zeros_like(xh), jnp.zeros((), jnp.float32))
+  g_loss, g_grad, d_weight = jax.lax.cond(gan_on, gan_terms, no_gan, xh, nll_grad)
+  g_loss = losses.with_gradient(g_loss, g_grad, x_hat)
   kl = losses.kl_loss(post.mean, post.logvar)
 
   reg_decoder = reg_encoder = None

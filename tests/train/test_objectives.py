@@ -5,9 +5,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from cvvae_jax.train import build, objectives
+from cvvae_jax.train import build, losses, objectives
 from cvvae_jax.train.state import init_state
 from tests import helpers
 from tests.train.test_train import image_vae_dir, tiny_config  # noqa: F401  (a fixture)
@@ -49,3 +50,41 @@ def test_the_generator_runs_no_discriminator_before_disc_start(image_vae_dir):  
   assert finite(loss) and finite(grads) and float(metrics["loss/g"]) == 0.0
   (loss, _), grads = g(state.params, nan_disc, jnp.asarray(config.loss.disc_start))
   assert not finite(loss)
+
+
+@pytest.mark.slow  # compiles and runs the tiny generator objective three ways: ~2 min on 2 cores
+def test_the_gan_terms_have_the_gradients_of_differentiating_through_the_discriminator(image_vae_dir):  # noqa: F811
+  """From disc_start on, the objective evaluates D and the reconstruction loss once with their gradients w.r.t. x_hat
+  (`losses.with_gradient`). Its loss and gradients equal those of differentiating through D directly (the pre-GAN
+  objective plus d_weight * g(x_hat(params))), and its adaptive weight equals the one from the exact gradients
+  w.r.t. the decoder's last kernel."""
+  config = tiny_config(image_vae_dir)  # disc_start 2, no LPIPS
+  image_vae, frozen = build.load_frozen(config, "cvvae")
+  models = build.build_models(config, image_vae)
+  state = jax.jit(functools.partial(init_state, models))(jax.random.PRNGKey(0))
+  x, rng, d = helpers.tiny_input((1, 5, 16, 16, 3), seed=3), jax.random.PRNGKey(1), state.disc_params
+  objective = lambda p, s: objectives.generator_objective(p, d, frozen, x, rng, jnp.asarray(s), models)
+  (loss, metrics), grads = jax.jit(jax.value_and_grad(objective, has_aux=True), static_argnums=1)(
+      state.params, config.loss.disc_start)
+  assert float(metrics["scalars/disc_factor"]) == 1.0 and float(metrics["scalars/d_weight"]) > 0.0
+
+  x_hat_of = lambda p: objectives.reconstruct(models, p["vae"], x, jax.random.split(rng)[0])[0]
+  g_of = lambda p: losses.generator_adversarial_loss(models.disc.apply({"params": d}, x_hat_of(p)))
+  nll_of = lambda p: losses.reconstruction_nll(x, x_hat_of(p), p["logvar"], None, 0.0)[0]
+  c = metrics["scalars/d_weight"]
+  reference = lambda p: objective(p, 0)[0] + c * g_of(p)
+  want_loss, want_grads = jax.jit(jax.value_and_grad(reference))(state.params)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+  np.testing.assert_allclose(metrics["loss/g"], jax.jit(g_of)(state.params), rtol=1e-6)
+  # Summation order through the decoder: measured up to 1.6e-6 of the largest gradient (the gradients of biases
+  # before a GroupNorm are 0 up to float noise, so the tolerance is on the scale of all of them).
+  scale = max(float(np.max(np.abs(w))) for w in jax.tree_util.tree_leaves(want_grads))
+  for got, want in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(want_grads)):
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
+
+  last = lambda g: g["vae"]["decoder"]["conv_out"]["kernel"]
+  grad_nll, grad_g = (last(jax.jit(jax.grad(f))(state.params)) for f in (nll_of, g_of))
+  want_weight = losses.adaptive_generator_weight(grad_nll, grad_g, config.loss.disc_weight,
+                                                 eps=config.loss.adaptive_weight_eps,
+                                                 max_weight=config.loss.adaptive_weight_max)
+  np.testing.assert_allclose(c, want_weight, rtol=1e-5)
