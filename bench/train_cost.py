@@ -320,6 +320,16 @@ def _fmt(x, digits=2):
   return str(x)
 
 
+CHIPS = (("TPU v5e", 16.0), ("TPU v4", 32.0), ("H100 80 GB", 74.5))  # memory per chip, GiB
+FIT_RULE = "yes up to 85 % of the chip's memory, tight up to 100 %, else no"
+
+
+def fit(peak_gib: float, chip_gib: float) -> str:
+  """Whether a per-device peak fits a chip, by `FIT_RULE` (a margin for the target compiler's layouts)."""
+  share = peak_gib / chip_gib
+  return "yes" if share <= 0.85 else f"tight ({100 * share:.0f} %)" if share <= 1 else "no"
+
+
 def write_markdown(path: str, report: dict) -> None:
   lines = [f"# Training step cost ({report['machine']}, jax {report['jax']})", "",
            f"numpy fp32 matmul: {report['matmul_gflops']} GFLOP/s (machine load at the start: "
@@ -336,6 +346,13 @@ def write_markdown(path: str, report: dict) -> None:
                    f"{_fmt(m.get('argument'))} | "
                    f"{_fmt(m.get('temp'))} | {_fmt(max(m['output'] - m['alias'], 0.0) if m else None)} | "
                    f"{_fmt(m.get('peak_estimate'))} | {_fmt(r.get('compile_s'), 0)} | {r['status']} |")
+    lines += ["", f"Which chips one device's peak fits ({FIT_RULE}):", "",
+              "| case | peak est. GiB | " + " | ".join(f"{n} ({c:g} GiB)" for n, c in CHIPS) + " |",
+              "|---|---|" + "---|" * len(CHIPS)]
+    for r in report["full"]:
+      peak = (r.get("memory_gib") or {}).get("peak_estimate")
+      if peak is not None:
+        lines.append(f"| {r['case']} | {peak:.2f} | " + " | ".join(fit(peak, c) for _, c in CHIPS) + " |")
     lines.append("")
   for key, title in (("demo", "Demo config (sd21,demo) on this CPU, one device"),
                      ("demo_compare", f"The same with {report.get('demo_compare', {}).get('overrides')}")):
