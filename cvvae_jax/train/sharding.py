@@ -267,8 +267,8 @@ def params_at_use(tree: Any, mesh: Mesh | None) -> Any:
       loss = mean(tanh(conv(tanh(conv(x, k1, stride 2)), k2, stride 1)));  jax.grad(loss)(x) is 4x the unsplit one
 
   Kernels split over `spatial` itself (`param_axes`) are gathered the same way (whether the bug shows there was not
-  checked: gathering for the compute is what FSDP does anyway). FSDP gathers every parameter for the
-  compute anyway (XLA inserts the all-gathers either way); this gathers them at the start of the step, so one full
+  checked; gathering per use instead measured more memory, bench/README_train.md). FSDP gathers every parameter for
+  the compute anyway (XLA inserts the all-gathers either way); this gathers them at the start of the step, so one full
   copy of the parameters is live per device during the step (their optimizer moments stay split). Gradients through
   the constraint are reduced back to their shards by the step's output shardings (a reduce-scatter: the same
   traffic as the all-reduce of replicated parameters).
