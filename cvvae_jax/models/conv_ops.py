@@ -54,9 +54,8 @@ def _conv_float32(x: Array, kernel: Array, *, strides: tuple[int, ...] | None, p
   strides = strides or (1,) * rank
   cpu_form = impl is not ConvImpl.XLA
   time_taps = rank == 3 and kernel.shape[0] > 1
-  if time_taps and x.shape[1] == 1 and _one_frame_taps(kernel.shape[0], padding[0], strides[0]):
-    # One input frame (images through the video model): one 2D convolution with the taps that read it merged.
-    taps = _one_frame_taps(kernel.shape[0], padding[0], strides[0])
+  taps = _one_frame_taps(kernel.shape[0], padding[0], strides[0]) if time_taps and x.shape[1] == 1 else ()
+  if taps:  # one input frame (images through the video model): one 2D convolution with the taps that read it merged
     kernel = cpu_conv.tie_kernel(x, kernel) if cpu_form else kernel
     merged = functools.reduce(lax.add, [kernel[k].astype(jnp.float32) for k in taps]).astype(kernel.dtype)
     return _conv_float32(x[:, 0], merged, strides=strides[1:], padding=padding[1:], dtype=dtype,
