@@ -15,7 +15,8 @@ full: the paper's run, `configs/cvvae.py:sd21,full` (SD2.1 CV-VAE 128-256-512-51
   discriminator update, `f32`/`bf16` `config.train.compute_dtype`; `_remat` `config.train.remat="full"` (the
   policy with the least memory, `models/remat.py`), `_rematblocks` "blocks", `_rematconvs` "full_save_convs",
   `_remathalves` "full_halves";
-  `_nolpips` / `_noreg` switch LPIPS / the image-decoder regularizer off (what they hold); `--fsdp K`
+  `_nolpips` / `_noreg` switch LPIPS / the image-decoder regularizer off (what they hold); `_mb<N>` sets
+  `config.train.image_micro_batch=N` (images per micro-batch; the config's 1, `_mb0` all 8 at once); `--fsdp K`
   compiles on K fake CPU devices with the parameters and optimizer state split over them (`config.mesh.fsdp=K`).
   `img_` cases: the image stream (8 images of 320x320 per device, the released recipe). `_sp<K>`: the trainer's
   spatial axis, `config.mesh.spatial=K`: one clip on K devices (times `--fsdp`), its height split over them (the
@@ -84,21 +85,23 @@ OFF_WORDS = {"nolpips": "perceptual_weight", "noreg": "reg_decoder_weight"}
 
 
 def _parse_case(name: str) -> dict:
-  """`[img_](g|d)_(f32|bf16)[_remat|_rematblocks|_rematconvs|_remathalves][_sp<K>][_nolpips][_noreg]`, e.g.
-  `g_bf16_remat_sp4`."""
+  """`[img_](g|d)_(f32|bf16)[_remat|_rematblocks|_rematconvs|_remathalves][_sp<K>][_mb<N>][_nolpips][_noreg]`,
+  e.g. `g_bf16_remat_sp4`, `img_g_bf16_remat_mb0`."""
   words = name.split("_")
   image = words[0] == "img"
   if image:
     words = words[1:]
   sp = [w for w in words[2:] if w.startswith("sp") and w[2:].isdigit()]
+  mb = [w for w in words[2:] if w.startswith("mb") and w[2:].isdigit()]
   remat = [w for w in words[2:] if w in REMAT_WORDS]
   if (len(words) < 2 or words[0] not in ("g", "d") or words[1] not in ("f32", "bf16")
-      or set(words[2:]) - {*REMAT_WORDS, *OFF_WORDS, *sp} or len(sp) > 1 or len(remat) > 1 or (image and sp)):
+      or set(words[2:]) - {*REMAT_WORDS, *OFF_WORDS, *sp, *mb} or len(sp) > 1 or len(mb) > 1
+      or len(remat) > 1 or (image and sp)):
     raise ValueError(f"--cases: expected cases like g_f32, d_bf16_remat, g_bf16_remat_sp4, g_bf16_rematblocks, "
-                     f"g_bf16_remat_nolpips, img_g_f32; got {name!r}")
+                     f"g_bf16_remat_nolpips, img_g_f32, img_g_bf16_remat_mb0; got {name!r}")
   return dict(name=name, update={"g": "generator", "d": "discriminator"}[words[0]], dtype={
       "f32": "float32", "bf16": "bfloat16"}[words[1]], remat=REMAT_WORDS[remat[0]] if remat else "none",
-              image=image, spatial=int(sp[0][2:]) if sp else 1,
+              image=image, spatial=int(sp[0][2:]) if sp else 1, image_micro_batch=int(mb[0][2:]) if mb else None,
               off=[OFF_WORDS[w] for w in words[2:] if w in OFF_WORDS])
 
 
@@ -123,6 +126,8 @@ def worker_full(case_name: str, fsdp: int, compile_: bool) -> dict:
   with config.unlocked():
     config.train.compute_dtype = case["dtype"]
     config.train.remat = case["remat"]
+    if case["image_micro_batch"] is not None:
+      config.train.image_micro_batch = case["image_micro_batch"]
     # XLA:CPU as the proxy of the accelerator program (3D convolutions), not of the CPU forms. The upsampling stays
     # sub-pixel, as measured before `upsample_impl` existed (its accelerator default "auto" is "xla").
     config.train.conv_impl, config.train.upsample_impl = "xla", "subpixel"
@@ -159,13 +164,14 @@ def worker_full(case_name: str, fsdp: int, compile_: bool) -> dict:
   lowered = fn.lower(abstract, batch, jax.ShapeDtypeStruct((2,), jnp.uint32), frozen)
   out["lower_s"] = round(time.perf_counter() - t, 1)
   out["flops_per_device"] = _flops(lowered.cost_analysis())
-  if remat_lib.covers(case["remat"], "loss") and case["update"] == "generator":
-    # XLA counts a loop body once: count the frame-by-frame loss networks from the same recompute done in one call.
-    unlooped = program(dataclasses.replace(models, remat_frames=0))
+  looped = ((remat_lib.covers(case["remat"], "loss") and case["update"] == "generator")
+            or step_lib.micro_batches(models, batch["video"].shape, mesh) > 1)
+  if looped:
+    # XLA counts a loop body once: count the loss networks' frame loop and the micro-batches as one call.
+    unlooped = program(dataclasses.replace(models, remat_frames=0, image_micro_batch=0, grad_accum_steps=1))
     out["flops_per_device"] = _flops(unlooped.lower(abstract, batch, jax.ShapeDtypeStruct((2,), jnp.uint32),
                                                     frozen).cost_analysis())
-  if out["flops_per_device"]:
-    out["flops_per_device"] /= devices  # the lowered program is the global one
+  out["flops_per_device"] = out["flops_per_device"] and out["flops_per_device"] / devices  # of the global program
   print(json.dumps({"partial": out}), flush=True)  # kept if the compile runs out of time
   if compile_:
     t = time.perf_counter()
@@ -174,10 +180,10 @@ def worker_full(case_name: str, fsdp: int, compile_: bool) -> dict:
     out["memory_gib"] = _memory(compiled)
     out["flops_per_device_compiled"] = _flops(compiled.cost_analysis())
     out["peak_gib"], out["temp_gib"] = out["memory_gib"]["peak_estimate"], out["memory_gib"]["temp"]
-  # The partitioned program's count where there is one, except for frame loops (counted from the lowered one-call
-  # program above).
+  # The partitioned program's count where there is one, except for loops (counted from the lowered one-call program
+  # above).
   flops = out["flops_per_device"]
-  if not (remat_lib.covers(case["remat"], "loss") and case["update"] == "generator"):
+  if not looped:
     flops = out.get("flops_per_device_compiled") or flops
   out["tflop_per_device"] = flops and round(flops / 1e12, 3)
   return out
@@ -277,8 +283,8 @@ def matmul_gflops() -> float:
 def run_worker(args: list[str], env_extra: dict[str, str], budget_s: float) -> tuple[dict | None, str]:
   """Runs this script as a worker; returns (its final JSON or the last partial one, status)."""
   env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2", **env_extra)
-  cmd = [sys.executable, os.path.abspath(__file__), *args]
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *args], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     stdout, stderr = proc.communicate(timeout=budget_s)
     status = "ok" if proc.returncode == 0 else f"failed ({proc.returncode}): {stderr.strip().splitlines()[-1:]}"
@@ -407,8 +413,7 @@ def main(argv=None) -> int:
 
   parts = [p for p in args.parts.split(",") if p]
   report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-            "platform": args.platform,
-            "jax": jax.__version__,
+            "platform": args.platform, "jax": jax.__version__,
             "load": " ".join(f"{x:.1f}" for x in os.getloadavg()), "matmul_gflops": matmul_gflops()}
   if "full" in parts:
     report["full"] = []
@@ -417,18 +422,15 @@ def main(argv=None) -> int:
       extra = {"JAX_PLATFORMS": args.platform}
       if args.platform == "cpu":
         extra["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {MEMORY_SCHEDULER}"
-      compile_ = not args.lower_only
       t = time.time()
       result, status = run_worker(["--_worker", f"full:{name}", "--fsdp", str(args.fsdp)]
-                                  + ([] if compile_ else ["--lower_only"]), extra, args.budget_s)
+                                  + (["--lower_only"] if args.lower_only else []), extra, args.budget_s)
       row = dict(result or {"case": name, "per_device_batch": [], "devices": devices, "flops_per_device": None},
                  status=status, wall_s=round(time.time() - t, 1))
       report["full"].append(row)
       print(json.dumps(row), flush=True)
   if "demo" in parts:
-    for key, overrides in (("demo", ""), ("demo_compare", args.demo_compare)):
-      if key == "demo_compare" and not overrides:
-        continue
+    for key, overrides in (("demo", ""), ("demo_compare", args.demo_compare))[:2 if args.demo_compare else 1]:
       result, status = run_worker(["--_worker", "demo", "--demo_repeats", str(args.demo_repeats),
                                    "--demo_compare", overrides], {"JAX_PLATFORMS": args.platform}, args.budget_s)
       report[key] = demo_report(result, status, overrides)

@@ -33,6 +33,7 @@ class Models:
   alternate: bool
   grad_accum_steps: int
   ema_decay: float
+  image_micro_batch: int = 0  # images per device per micro-batch of 1-frame batches (0: all; `step.micro_batches`)
   remat_frames: int = 1  # frames per recomputed call of the loss networks (`remat.checkpointed_map`)
   generator_only_steps: int = 0  # first steps that update only the generator (`train.generator_only_before_gan`)
 
@@ -77,6 +78,9 @@ def build_models(config: ml_collections.ConfigDict, image_vae: ImageVAE | None,
   g_only = int(config.loss.disc_start) if config.train.get("generator_only_before_gan", False) else 0
   if accum < 1:
     raise ValueError(f"config.train.grad_accum_steps: expected >= 1, got {accum}")
+  image_micro = int(config.train.get("image_micro_batch", 0))
+  if image_micro < 0:
+    raise ValueError(f"config.train.image_micro_batch: expected >= 0 (0: the whole batch), got {image_micro}")
   return Models(
       vae=vae, disc=PatchDiscriminator3D(**config.discriminator, dtype=dtype, conv_impl=config.train.conv_impl,
                                          remat=remat),
@@ -86,7 +90,7 @@ def build_models(config: ml_collections.ConfigDict, image_vae: ImageVAE | None,
       disc_tx=optim.make_discriminator_optimizer(config.optim, g_only),
       lr_schedule=optim.generator_lr_schedule(config.optim),
       disc_lr_schedule=optim.discriminator_lr_schedule(config.optim), alternate=bool(config.train.alternate_updates),
-      grad_accum_steps=accum, ema_decay=float(config.train.ema_decay),
+      grad_accum_steps=accum, image_micro_batch=image_micro, ema_decay=float(config.train.ema_decay),
       remat_frames=int(config.train.get("remat_frames", 1)),
       generator_only_steps=g_only)
 

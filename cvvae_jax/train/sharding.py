@@ -294,7 +294,8 @@ def check_spatial_size(size: Sequence[int], mesh: Mesh, num_levels: int, field_n
                        f"{k * 2**(num_levels - 1)}")
 
 
-def _batch_devices(mesh: Mesh) -> int:
+def batch_devices(mesh: Mesh) -> int:
+  """Devices the batch dimension is split over (`mesh.data * mesh.fsdp`)."""
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
@@ -306,7 +307,7 @@ def data_groups(mesh: Mesh) -> tuple[int, int]:
   (`(jax.process_index(), jax.process_count())`). Raises when processes share only some of their examples.
   """
   coords = {}  # process -> the batch coordinates (flat (data, fsdp) index) of its devices
-  devices = mesh.devices.reshape(_batch_devices(mesh), -1)
+  devices = mesh.devices.reshape(batch_devices(mesh), -1)
   for b, row in enumerate(devices):
     for d in row:
       coords.setdefault(d.process_index, set()).add(b)
@@ -323,7 +324,7 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, field_name: str) -> int
 
   `field_name` is the config field the value came from (e.g. `"config.batch_size"`), for the error.
   """
-  n = _batch_devices(mesh)
+  n = batch_devices(mesh)
   if not isinstance(global_batch, (int, np.integer)) or global_batch < 1:
     raise ValueError(f"expected {field_name} to be a positive int, got {global_batch!r}")
   if global_batch % n:
@@ -341,7 +342,7 @@ def shard_host_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, ja
   """This process's examples `{name: np.ndarray [B_local, ...]}` -> global `jax.Array`s `[B_global, ...]`
   split as `batch_sharding` says. Each process passes its own shard (a single process: the whole batch; processes
   of one `data_groups` group: the same clips, whole, of which each device takes its rows)."""
-  n, (_, groups) = _batch_devices(mesh), data_groups(mesh)
+  n, (_, groups) = batch_devices(mesh), data_groups(mesh)
 
   def put(path, x):
     x = np.asarray(x)

@@ -18,15 +18,34 @@ from cvvae_jax.train.state import TrainState
 Array = jax.Array
 
 
+def micro_batches(models: Models, batch_shape: tuple[int, ...], mesh: jax.sharding.Mesh | None) -> int:
+  """How many micro-batches a step on the global batch `batch_shape` (`[B, T, H, W, 3]`) accumulates:
+  `train.grad_accum_steps`, or for 1-frame (image) batches with `train.image_micro_batch` = n > 0, this device's
+  images / n (the image stream's 8 images of 320x320 per device hold 4.9x the memory of one at a time on XLA:CPU,
+  bench/README_train.md)."""
+  per = models.image_micro_batch
+  if not per or batch_shape[1] != 1:
+    return models.grad_accum_steps
+  local = batch_shape[0] // (sharding.batch_devices(mesh) if mesh is not None else 1)
+  if local % per:
+    raise ValueError(f"config.train.image_micro_batch={per} must divide the images per device of the image batch, "
+                     f"{local} (global batch {batch_shape[0]})")
+  return local // per
+
+
 def _accumulated_grads(loss_fn: Callable, params, x: Array, rng: Array, accum: int):
-  """Mean loss, metrics and gradients over `accum` micro-batches of `x` (split along the batch)."""
+  """Mean loss, metrics and gradients over `accum` micro-batches of `x` (split along the batch).
+
+  Micro-batch j holds examples j, j + accum, j + 2 accum, ...: the batch is split over the devices in contiguous
+  blocks, so each micro-batch holds the same share of every device's examples and keeps the batch's sharding (a
+  split into contiguous blocks would put each micro-batch on a 1/accum of the devices)."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if accum == 1:
     (loss, metrics), grads = grad_fn(params, x, rng)
     return loss, metrics, grads
   if x.shape[0] % accum:
     raise ValueError(f"config.train.grad_accum_steps={accum} must divide the batch size {x.shape[0]}")
-  micro = x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
+  micro = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
 
   def body(carry, inputs):
     xi, ri = inputs
@@ -72,8 +91,9 @@ def train_step(state: TrainState, batch: dict, rng: Array, frozen: dict, *, mode
                update: Update = Update.BOTH, mesh: jax.sharding.Mesh | None = None):
   """One training step -> (new state, metrics). Pure; `rng` is the run's root key (folded with the step).
 
-  `mesh` (the jit's, or None): on a mesh that splits both the parameters and the height, the parameters are gathered
-  for the compute (`sharding.params_at_use`, a workaround for an XLA partitioner bug).
+  `mesh` (the jit's, or None): the images per device of an image batch (`micro_batches`); on a mesh that splits
+  both the parameters and the height, the parameters are gathered for the compute (`sharding.params_at_use`, a
+  workaround for an XLA partitioner bug).
 
   `update` is static: the loop calls the generator and discriminator variants on alternate steps (two compiled
   programs; a traced `lax.cond` between them ran 2x slower than both updates together on XLA's CPU backend).
@@ -82,6 +102,7 @@ def train_step(state: TrainState, batch: dict, rng: Array, frozen: dict, *, mode
   rng = jax.random.fold_in(rng, state.step)
   rng_g, rng_d = jax.random.split(rng)
   x = model_input(models, batch["video"])
+  accum = micro_batches(models, batch["video"].shape, mesh)
   step = state.step
   metrics, finite = {}, jnp.array(True)
   at_use = lambda tree: sharding.params_at_use(tree, mesh)
@@ -90,7 +111,7 @@ def train_step(state: TrainState, batch: dict, rng: Array, frozen: dict, *, mode
   if update in (Update.GENERATOR, Update.BOTH):
     loss_fn = lambda p, xi, ri: generator_objective(at_use(p), at_use(state.disc_params), frozen, xi, ri, step,
                                                      models)
-    loss, g_metrics, grads = _accumulated_grads(loss_fn, state.params, x, rng_g, models.grad_accum_steps)
+    loss, g_metrics, grads = _accumulated_grads(loss_fn, state.params, x, rng_g, accum)
     params, opt_state, g_finite = _guarded_update(models.tx, grads, state.opt_state, state.params, loss)
     ema = state.ema_params
     if models.ema_decay > 0:
@@ -104,7 +125,7 @@ def train_step(state: TrainState, batch: dict, rng: Array, frozen: dict, *, mode
   if update in (Update.DISCRIMINATOR, Update.BOTH):
     loss_fn = lambda p, xi, ri: discriminator_objective(at_use(p), at_use(state.params["vae"]), xi, ri, step,
                                                          models)
-    loss, d_metrics, grads = _accumulated_grads(loss_fn, state.disc_params, x, rng_d, models.grad_accum_steps)
+    loss, d_metrics, grads = _accumulated_grads(loss_fn, state.disc_params, x, rng_d, accum)
     disc_params, disc_opt_state, d_finite = _guarded_update(models.disc_tx, grads, state.disc_opt_state,
                                                             state.disc_params, loss)
     state = state.replace(disc_params=disc_params, disc_opt_state=disc_opt_state)
