@@ -128,6 +128,7 @@ def worker_full(case_name: str, fsdp: int, compile_: bool) -> dict:
     config.train.remat = case["remat"]
     if case["image_micro_batch"] is not None:
       config.train.image_micro_batch = case["image_micro_batch"]
+    case["image_micro_batch"] = config.train.image_micro_batch  # the row says the value used
     # XLA:CPU as the proxy of the accelerator program (3D convolutions), not of the CPU forms. The upsampling stays
     # sub-pixel, as measured before `upsample_impl` existed (its accelerator default "auto" is "xla").
     config.train.conv_impl, config.train.upsample_impl = "xla", "subpixel"
@@ -342,8 +343,8 @@ def write_markdown(path: str, report: dict) -> None:
            f"{report['load']})", ""]
   if report.get("full"):
     lines += ["## Full config (sd21,full), per device", "",
-              "| case | per-device input | devices | TFLOP/step/device (ideal / compiled) | args GiB | temp GiB "
-              "| out-alias GiB | peak est. GiB | compile s | status |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| case | per-device input | devices | TFLOP/step/device (ideal / compiled, loop bodies once) | args GiB "
+              "| temp GiB | out-alias GiB | peak est. GiB | compile s | status |", "|---" * 10 + "|"]
     for r in report["full"]:
       m = r.get("memory_gib") or {}
       lines.append(f"| {r['case']} | {'x'.join(map(str, r['per_device_batch']))} | {r.get('devices')} | "
