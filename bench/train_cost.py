@@ -129,9 +129,9 @@ def worker_full(case_name: str, fsdp: int, compile_: bool) -> dict:
     if case["image_micro_batch"] is not None:
       config.train.image_micro_batch = case["image_micro_batch"]
     case["image_micro_batch"] = config.train.image_micro_batch  # the row says the value used
-    # XLA:CPU as the proxy of the accelerator program (3D convolutions), not of the CPU forms. The upsampling stays
-    # sub-pixel, as measured before `upsample_impl` existed (its accelerator default "auto" is "xla").
-    config.train.conv_impl, config.train.upsample_impl = "xla", "subpixel"
+    # XLA:CPU as the proxy of the accelerator program (3D convolutions, micro-batches in a scan), not of the CPU
+    # forms. The upsampling stays sub-pixel, as measured before `upsample_impl` existed (accelerators' "auto": xla).
+    config.train.conv_impl, config.train.upsample_impl, config.train.accum_loop = "xla", "subpixel", "scan"
     for weight in case["off"]:
       config.loss[weight] = 0.0
     config.mesh.data, config.mesh.fsdp, config.mesh.spatial = 1, fsdp, sp

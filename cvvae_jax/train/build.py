@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -34,6 +35,7 @@ class Models:
   grad_accum_steps: int
   ema_decay: float
   image_micro_batch: int = 0  # images per device per micro-batch of 1-frame batches (0: all; `step.micro_batches`)
+  accum_loop: str = "scan"  # how micro-batches are looped: "scan" | "unrolled" (`resolve_accum_loop`)
   remat_frames: int = 1  # frames per recomputed call of the loss networks (`remat.checkpointed_map`)
   generator_only_steps: int = 0  # first steps that update only the generator (`train.generator_only_before_gan`)
 
@@ -41,6 +43,19 @@ class Models:
   def is_video(self) -> bool:
     return isinstance(self.vae, CVVAE)
 
+
+ACCUM_LOOPS = ("auto", "scan", "unrolled")
+
+
+def resolve_accum_loop(loop: str, platform: str | None = None) -> str:
+  """`train.accum_loop`, `auto` resolved: "unrolled" on "cpu", "scan" elsewhere. A `lax.scan` over the micro-batches
+  keeps one micro-batch's activations live on any compiler; XLA:CPU runs the convolutions of a loop body ~10x slower
+  than the same ones in straight-line code (bench/README_train.md), so the CPU gets the loop unrolled."""
+  if loop not in ACCUM_LOOPS:
+    raise ValueError(f"config.train.accum_loop: expected one of {ACCUM_LOOPS}, got {loop!r}")
+  if loop != "auto":
+    return loop
+  return "unrolled" if (platform or jax.default_backend()) == "cpu" else "scan"
 
 
 def build_vae(model_cfg: ml_collections.ConfigDict, dtype=jnp.float32, remat: bool | str = "none",
@@ -91,6 +106,7 @@ def build_models(config: ml_collections.ConfigDict, image_vae: ImageVAE | None,
       lr_schedule=optim.generator_lr_schedule(config.optim),
       disc_lr_schedule=optim.discriminator_lr_schedule(config.optim), alternate=bool(config.train.alternate_updates),
       grad_accum_steps=accum, image_micro_batch=image_micro, ema_decay=float(config.train.ema_decay),
+      accum_loop=resolve_accum_loop(config.train.get("accum_loop", "auto")),
       remat_frames=int(config.train.get("remat_frames", 1)),
       generator_only_steps=g_only)
 

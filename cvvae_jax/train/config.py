@@ -38,6 +38,8 @@ def train_section(scale: str) -> ml_collections.ConfigDict:
       # 1-frame (image) batches: images per device per micro-batch (0: all at once). 1 in `full`: the image
       # stream's 8 images of 320x320 per device one at a time, 31.4 -> 6.5 GiB (bench/README_train.md).
       image_micro_batch=1 if full else 0,
+      accum_loop="auto",                             # micro-batches in a "scan" | "unrolled" ("auto": unrolled
+                                                     # on CPU, whose loop bodies run slow; scan elsewhere)
       ema_decay=0.0,                                 # 0 disables the EMA of generator params
       max_nan_steps=10,                              # consecutive non-finite steps before stopping
       alternate_updates=True,                        # G and D on alternate steps (released); False: both

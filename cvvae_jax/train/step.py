@@ -33,8 +33,9 @@ def micro_batches(models: Models, batch_shape: tuple[int, ...], mesh: jax.shardi
   return local // per
 
 
-def _accumulated_grads(loss_fn: Callable, params, x: Array, rng: Array, accum: int):
-  """Mean loss, metrics and gradients over `accum` micro-batches of `x` (split along the batch).
+def _accumulated_grads(loss_fn: Callable, params, x: Array, rng: Array, accum: int, loop: str = "scan"):
+  """Mean loss, metrics and gradients over `accum` micro-batches of `x` (split along the batch), in a `lax.scan`
+  or unrolled (`loop`, as `build.resolve_accum_loop` gives it; the same sums in the same order).
 
   Micro-batch j holds examples j, j + accum, j + 2 accum, ...: the batch is split over the devices in contiguous
   blocks, so each micro-batch holds the same share of every device's examples and keeps the batch's sharding (a
@@ -46,15 +47,17 @@ def _accumulated_grads(loss_fn: Callable, params, x: Array, rng: Array, accum: i
   if x.shape[0] % accum:
     raise ValueError(f"config.train.grad_accum_steps={accum} must divide the batch size {x.shape[0]}")
   micro = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
-
-  def body(carry, inputs):
-    xi, ri = inputs
-    (loss, metrics), grads = grad_fn(params, xi, ri)
-    return jax.tree_util.tree_map(jnp.add, carry, (loss, metrics, grads)), None
-
-  zero = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(lambda: (lambda o: (o[0][0], o[0][1], o[1]))(
-      grad_fn(params, micro[0], rng))))
-  total, _ = jax.lax.scan(body, zero, (micro, jax.random.split(rng, accum)))
+  rngs = jax.random.split(rng, accum)
+  flat = lambda out: (out[0][0], out[0][1], out[1])  # ((loss, metrics), grads) -> (loss, metrics, grads)
+  add = lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)
+  zero = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(lambda: flat(grad_fn(params, micro[0], rngs[0]))))
+  if loop == "unrolled":
+    total = zero
+    for j in range(accum):
+      total = add(total, flat(grad_fn(params, micro[j], rngs[j])))
+  else:
+    total, _ = jax.lax.scan(lambda carry, inputs: (add(carry, flat(grad_fn(params, *inputs))), None), zero,
+                            (micro, rngs))
   return jax.tree_util.tree_map(lambda v: v / accum, total)
 
 
@@ -111,7 +114,7 @@ def train_step(state: TrainState, batch: dict, rng: Array, frozen: dict, *, mode
   if update in (Update.GENERATOR, Update.BOTH):
     loss_fn = lambda p, xi, ri: generator_objective(at_use(p), at_use(state.disc_params), frozen, xi, ri, step,
                                                      models)
-    loss, g_metrics, grads = _accumulated_grads(loss_fn, state.params, x, rng_g, accum)
+    loss, g_metrics, grads = _accumulated_grads(loss_fn, state.params, x, rng_g, accum, models.accum_loop)
     params, opt_state, g_finite = _guarded_update(models.tx, grads, state.opt_state, state.params, loss)
     ema = state.ema_params
     if models.ema_decay > 0:
@@ -125,7 +128,7 @@ def train_step(state: TrainState, batch: dict, rng: Array, frozen: dict, *, mode
   if update in (Update.DISCRIMINATOR, Update.BOTH):
     loss_fn = lambda p, xi, ri: discriminator_objective(at_use(p), at_use(state.params["vae"]), xi, ri, step,
                                                          models)
-    loss, d_metrics, grads = _accumulated_grads(loss_fn, state.disc_params, x, rng_d, accum)
+    loss, d_metrics, grads = _accumulated_grads(loss_fn, state.disc_params, x, rng_d, accum, models.accum_loop)
     disc_params, disc_opt_state, d_finite = _guarded_update(models.disc_tx, grads, state.disc_opt_state,
                                                             state.disc_params, loss)
     state = state.replace(disc_params=disc_params, disc_opt_state=disc_opt_state)

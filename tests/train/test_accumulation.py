@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cvvae_jax.train import sharding
+from cvvae_jax.train import build, sharding
 from cvvae_jax.train import step as step_lib
 
 
@@ -38,7 +38,8 @@ def test_micro_batches_of_image_and_video_batches():
     step_lib.micro_batches(_Models(image_micro_batch=3), images, mesh)
 
 
-def test_each_micro_batch_takes_every_kth_example_and_keeps_the_batch_sharding():
+@pytest.mark.parametrize("loop", ["scan", "unrolled"])
+def test_each_micro_batch_takes_every_kth_example_and_keeps_the_batch_sharding(loop):
   mesh = _mesh()
   accum, batch = 4, 32  # 4 examples per device
   x = jnp.arange(batch * 3, dtype=jnp.float32).reshape(batch, 3)
@@ -51,7 +52,7 @@ def test_each_micro_batch_takes_every_kth_example_and_keeps_the_batch_sharding()
     noise = jax.random.uniform(ri, ())
     return jnp.mean(xi @ p) * (1 + noise), {"first": xi[0, 0]}
 
-  run = jax.jit(lambda p, x, rng: step_lib._accumulated_grads(loss_fn, p, x, rng, accum))
+  run = jax.jit(lambda p, x, rng: step_lib._accumulated_grads(loss_fn, p, x, rng, accum, loop))
   loss, metrics, grads = run(params, x, jax.random.PRNGKey(0))
 
   rngs = jax.random.split(jax.random.PRNGKey(0), accum)
@@ -71,3 +72,23 @@ def test_image_micro_batch_builds_from_the_config():
   from configs import cvvae as cvvae_config
   assert cvvae_config.get_config("sd21,full").train.image_micro_batch == 1
   assert cvvae_config.get_config("sd21,demo").train.image_micro_batch == 0
+
+
+def test_accum_loop_resolves_by_platform():
+  assert build.resolve_accum_loop("auto", "cpu") == "unrolled"
+  assert build.resolve_accum_loop("auto", "tpu") == build.resolve_accum_loop("auto", "gpu") == "scan"
+  assert build.resolve_accum_loop("scan", "cpu") == "scan"
+  with pytest.raises(ValueError, match=r"config.train.accum_loop: expected one of"):
+    build.resolve_accum_loop("while", "cpu")
+
+
+def test_scan_and_unrolled_give_the_same_sums():
+  def loss_fn(p, xi, ri):
+    y = jnp.tanh(xi @ p) * (1 + jax.random.uniform(ri, ()))
+    return jnp.mean(y ** 2), {"mean": jnp.mean(y)}
+  p = jax.random.normal(jax.random.PRNGKey(1), (5, 4))
+  x = jax.random.normal(jax.random.PRNGKey(2), (12, 5))
+  outs = [jax.jit(lambda p, x, loop=loop: step_lib._accumulated_grads(loss_fn, p, x, jax.random.PRNGKey(3), 3,
+                                                                      loop))(p, x) for loop in ("scan", "unrolled")]
+  for a, b in zip(jax.tree_util.tree_leaves(outs[0]), jax.tree_util.tree_leaves(outs[1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
