@@ -27,7 +27,7 @@ from cvvae_jax import paths
 from cvvae_jax.models import registry
 from cvvae_jax.train import build, checkpoint, probe as probe_lib, records, sharding
 from cvvae_jax.train.state import TrainState, init_state
-from cvvae_jax.train.step import MetricWindow, TrainStep
+from cvvae_jax.train.step import MetricWindow, TrainStep, micro_batches
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -51,6 +51,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # Models and frozen networks.
   image_vae, frozen_host = build.load_frozen(config, config.model.kind)
   models = build.build_models(config, image_vae, sharding.activation_sharding(mesh))
+  for stream in config.data.streams.values():  # image micro-batches must divide each device's images: fail now
+    micro_batches(models, (stream.batch_size, stream.frames), mesh)
   frozen_sh = sharding.param_shardings(jax.eval_shape(lambda: frozen_host), mesh)
   frozen = jax.device_put(frozen_host, frozen_sh)
 

@@ -207,6 +207,12 @@ def test_config_errors_name_the_field(image_vae_dir, tmp_path):
     c.mesh.data = 16
   with pytest.raises(ValueError, match=r"mesh.data \* mesh.fsdp = 16 but 8 devices"):
     loop.train_and_evaluate(c, str(tmp_path / "z"))
+  c = tiny_config(image_vae_dir)
+  with c.unlocked():  # an image stream of 8 images: 1 per device on the default 8-device mesh
+    c.data.streams.video.frames = 1
+    c.train.image_micro_batch = 2
+  with pytest.raises(ValueError, match=r"config.train.image_micro_batch=2 must divide the images per device"):
+    loop.train_and_evaluate(c, str(tmp_path / "w"))
 
 
 def test_probe_metrics_hand_values():
