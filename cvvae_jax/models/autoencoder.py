@@ -50,7 +50,7 @@ class Level(nn.Module):
       h = constrain(res_cls(self.channels, name=f"res_{j}", **self.block_kw)(h))
     if self.resample is None:
       return h
-    kw = {k: self.block_kw[k] for k in ("dtype", "param_dtype", "precision", "conv_impl")}
+    kw = {k: self.block_kw[k] for k in ("dtype", "param_dtype", "precision", "conv_impl", "activation_sharding")}
     if self.direction == "down":
       down_cls = remat_lib.module(layers.Downsample, self.remat, "resample")
       return constrain(down_cls(self.block_kw["style"], self.resample, name="downsample", **kw)(h))
@@ -78,7 +78,7 @@ class MidBlock(nn.Module):
     h = partitioning.constrain(h, sharding, split_height=not gather)
     attention_cls = remat_lib.module(layers.MidAttention, self.remat, "attention")
     h = attention_cls(self.temporal_attention, kw["num_groups"], kw["epsilon"], kw["dtype"], kw["param_dtype"],
-                      name="attn")(h)
+                      kw["activation_sharding"], name="attn")(h)
     h = partitioning.constrain(h, sharding)
     return partitioning.constrain(res_cls(h.shape[-1], name="res_1", **kw)(h), sharding)
 
@@ -121,12 +121,13 @@ class Tower(nn.Module):
   def _conv_kw(self) -> dict:
     """conv_in / conv_out: the main kernel (3x3x3 or 3x3) with the style's 'same' padding."""
     return dict(kernel_size=(3, 3, 3) if self.style.video else (3, 3), padding=self.style.main_padding(),
-                dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, conv_impl=self.conv_impl)
+                dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, conv_impl=self.conv_impl,
+                activation_sharding=self.activation_sharding)
 
   def _block_kw(self) -> dict:
     return dict(style=self.style, half_3d=self.half_3d, num_groups=self.num_groups, epsilon=self.epsilon,
                 dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, conv_impl=self.conv_impl,
-                remat=self.remat)
+                remat=self.remat, activation_sharding=self.activation_sharding)
 
   def _resample(self, i: int, temporal: tuple[bool, ...]) -> bool | None:
     """The resampler after level `i`: None after the last level, else whether it also acts on time."""

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cvvae_jax.models import remat as remat_lib
+from cvvae_jax.models import partitioning, remat as remat_lib
 from cvvae_jax.models.conv_ops import Pad, conv_apply, upsample_conv_apply
 
 Dtype = Any
@@ -104,6 +104,7 @@ class Conv(nn.Module):
   upsample: bool = False
   conv_impl: str = "auto"
   upsample_impl: str = "auto"
+  activation_sharding: Any = None  # a `partitioning.ActivationSharding`: the kernel is gathered where it is used
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -115,6 +116,7 @@ class Conv(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, x.shape[-1], self.features),
                         self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    kernel = partitioning.gather_at_use(kernel, self.activation_sharding)
     if self.upsample:
       if self.strides is not None and any(s != 1 for s in self.strides):
         raise ValueError(f"{self.name}: upsample needs stride 1, got {self.strides}")
@@ -238,6 +240,25 @@ def attention(q: Array, k: Array, v: Array) -> Array:
   return jax.nn.dot_product_attention(one_head(q), one_head(k), one_head(v))[:, :, 0, :]
 
 
+class Dense(nn.Module):
+  """`flax.linen.Dense` (the same parameters, initializers and arithmetic) whose kernel is gathered where it is used
+  on a spatial mesh (`partitioning.gather_at_use`). `[..., C_in]` -> `[..., features]`."""
+
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  activation_sharding: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    kernel = partitioning.gather_at_use(kernel, self.activation_sharding)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+
+
 class SpatialAttention(nn.Module):
   """Single-head self-attention over the pixels of each image `[N, H, W, C]` -> `[N, H, W, C]`.
 
@@ -248,11 +269,12 @@ class SpatialAttention(nn.Module):
   epsilon: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  activation_sharding: Any = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     n, h, w, c = x.shape
-    dense = lambda name: nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    dense = lambda name: Dense(c, self.dtype, self.param_dtype, self.activation_sharding, name=name)
     y = GroupNorm(self.num_groups, self.epsilon, self.param_dtype, name="norm")(x).reshape(n, h * w, c)
     out = attention(dense("q")(y), dense("k")(y), dense("v")(y))
     return dense("proj_out")(out).reshape(n, h, w, c)
@@ -267,11 +289,12 @@ class TemporalAttention(nn.Module):
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  activation_sharding: Any = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     b, _, h, w, c = x.shape
-    dense = lambda name: nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    dense = lambda name: Dense(c, self.dtype, self.param_dtype, self.activation_sharding, name=name)
     y = einops.rearrange(x, "b t h w c -> (b h w) t c")
     y = nn.LayerNorm(epsilon=self.epsilon, param_dtype=self.param_dtype, name="norm")(
         y.astype(jnp.float32)).astype(self.dtype)
@@ -291,13 +314,15 @@ class MidAttention(nn.Module):
   epsilon: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  activation_sharding: Any = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    spatial = SpatialAttention(self.num_groups, self.epsilon, self.dtype, self.param_dtype, name="spatial")
+    spatial = SpatialAttention(self.num_groups, self.epsilon, self.dtype, self.param_dtype, self.activation_sharding,
+                               name="spatial")
     h = per_frame(spatial, x)
     if self.temporal:
-      h = TemporalAttention(self.epsilon, self.dtype, self.param_dtype, name="temporal")(h)
+      h = TemporalAttention(self.epsilon, self.dtype, self.param_dtype, self.activation_sharding, name="temporal")(h)
     return x + h
 
 
@@ -319,6 +344,7 @@ class ResBlock(nn.Module):
   precision: Any = None
   conv_impl: str = "auto"
   remat: Any = "none"  # a policy of `remat.py`; "full_halves" recomputes the two halves of the block separately
+  activation_sharding: Any = None  # a `partitioning.ActivationSharding`: kernels gathered where they are used
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -326,7 +352,8 @@ class ResBlock(nn.Module):
     return remat_lib.function(ResBlock._second_half, self.remat, "res_halves")(self, x, h)
 
   def _kw(self) -> dict:
-    return dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, conv_impl=self.conv_impl)
+    return dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, conv_impl=self.conv_impl,
+                activation_sharding=self.activation_sharding)
 
   def _norm(self, name: str) -> GroupNorm:
     return GroupNorm(self.num_groups, self.epsilon, self.param_dtype, name=name)
@@ -364,7 +391,7 @@ class Resampler(nn.Module):
   precision: Any = None
   conv_impl: str = "auto"
   upsample_impl: str = "auto"
-
+  activation_sharding: Any = None  # a `partitioning.ActivationSharding`: the kernel is gathered where it is used
 
 
 class Downsample(Resampler):
@@ -380,7 +407,8 @@ class Downsample(Resampler):
     else:
       kernel, strides = (3, 3), (2, 2)
     return Conv(x.shape[-1], kernel, strides=strides, padding=self.style.down_padding(), dtype=self.dtype,
-                param_dtype=self.param_dtype, precision=self.precision, conv_impl=self.conv_impl, name="conv")(x)
+                param_dtype=self.param_dtype, precision=self.precision, conv_impl=self.conv_impl,
+                activation_sharding=self.activation_sharding, name="conv")(x)
 
 
 def depth_to_time(x: Array, factor: int) -> Array:
@@ -403,7 +431,7 @@ class Upsample(Resampler):
     # The upsampling is part of the convolution (`upsample_conv_apply`; sub-pixel: 16/36 of the FLOPs).
     y = Conv(c * factor, kernel, padding=self.style.up_padding(), dtype=self.dtype, param_dtype=self.param_dtype,
              precision=self.precision, upsample=True, conv_impl=self.conv_impl, upsample_impl=self.upsample_impl,
-             name="conv")(x)
+             activation_sharding=self.activation_sharding, name="conv")(x)
     if factor == 1:
       return y
     return depth_to_time(y, factor)[:, 1:]

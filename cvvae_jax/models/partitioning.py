@@ -82,3 +82,18 @@ class ActivationSharding:
 def constrain(x: Array, sharding: ActivationSharding | None, split_height: bool = True) -> Array:
   """`sharding.constrain(x)`, or `x` itself without an activation sharding."""
   return x if sharding is None else sharding.constrain(x, split_height)
+
+
+def gather_at_use(param: Array, sharding: ActivationSharding | None) -> Array:
+  """A layer's parameter (a kernel) gathered whole on every device where the layer uses it, with an activation
+  sharding (the trainer's spatial mesh: parameters split over `fsdp x spatial`); `param` itself without one.
+
+  The layers call it on their kernels, so under remat a unit gathers its kernels inside its recomputed function: the
+  backward pass gathers them again instead of keeping a full copy of every kernel alive from the forward pass
+  (measured: one copy gathered at the start of the step cost 0.36 GiB more per device on the SD2.1 CV-VAE's
+  `spatial=8` step, `bench/README_train.md`). Replicated kernels also avoid an XLA SPMD partitioner bug in the
+  backward pass of convolutions whose kernel and input are both split (`train/sharding.py:params_at_use`).
+  """
+  if sharding is None:
+    return param
+  return jax.lax.with_sharding_constraint(param, NamedSharding(sharding.mesh, P()))

@@ -51,7 +51,8 @@ class ImageVAE(Autoencoder):
                   upsample_impl=self.upsample_impl, activation_sharding=self.activation_sharding)
     self.encoder = Encoder(layers_per_block=self.layers_per_block, latent_channels=self.latent_channels, **common)
     self.decoder = Decoder(layers_per_block=self.layers_per_block + 1, out_channels=self.out_channels, **common)
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, conv_impl=self.conv_impl)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, conv_impl=self.conv_impl,
+              activation_sharding=self.activation_sharding)
     if self.use_quant_conv:
       self.quant_conv = layers.Conv(2 * self.latent_channels, (1, 1), **kw)
     if self.use_post_quant_conv:

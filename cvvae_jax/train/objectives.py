@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cvvae_jax.models import conv_ops, layers, lpips, remat as remat_lib
+from cvvae_jax.models import conv_ops, layers, lpips, partitioning, remat as remat_lib
 from cvvae_jax.models.sd_vae import image_style
 from cvvae_jax.models.vae3d import CVVAE, variant_style
 from cvvae_jax.train import losses, regularizer
@@ -62,7 +62,8 @@ def generator_objective(params, disc_params, frozen, x: Array, rng: Array, step:
     """(g_loss, its gradient w.r.t. x_hat, the adaptive weight ||grad nll|| / (||grad g|| + eps) at the decoder's
     last conv kernel, by the chain rule through it)."""
     g_loss, g_grad = jax.value_and_grad(gan_of)(xh)
-    kernel = jax.lax.stop_gradient(params["vae"]["decoder"]["conv_out"]["kernel"])
+    kernel = partitioning.gather_at_use(jax.lax.stop_gradient(params["vae"]["decoder"]["conv_out"]["kernel"]),
+                                        models.vae.activation_sharding)
     bias = jax.lax.stop_gradient(params["vae"]["decoder"]["conv_out"]["bias"])
     conv = lambda k: conv_ops.conv_apply(jax.lax.stop_gradient(h), k, bias, padding=decoder_style(models.vae)
                                          .main_padding(), dtype=models.vae.dtype, impl=models.vae.conv_impl)

@@ -267,11 +267,12 @@ def params_at_use(tree: Any, mesh: Mesh | None) -> Any:
       loss = mean(tanh(conv(tanh(conv(x, k1, stride 2)), k2, stride 1)));  jax.grad(loss)(x) is 4x the unsplit one
 
   Kernels split over `spatial` itself (`param_axes`) are gathered the same way (whether the bug shows there was not
-  checked; gathering per use instead measured more memory, bench/README_train.md). FSDP gathers every parameter for
-  the compute anyway (XLA inserts the all-gathers either way); this gathers them at the start of the step, so one full
-  copy of the parameters is live per device during the step (their optimizer moments stay split). Gradients through
-  the constraint are reduced back to their shards by the step's output shardings (a reduce-scatter: the same
-  traffic as the all-reduce of replicated parameters).
+  checked). This gathers a whole tree at the start of the step, so one full copy of it is live per device during the
+  step (the optimizer moments stay split): the step uses it for the discriminator and LPIPS. The autoencoders gather
+  each kernel where their layers use it instead (`models/partitioning.py:gather_at_use`, from their
+  `activation_sharding`), inside the remat units, which the backward pass recomputes: no copy of their kernels stays
+  alive across the step (bench/README_train.md; leaving the gathers to XLA, without either, measured more memory
+  than both). Gradients through the constraint are reduced back to their shards by the step's output shardings.
   """
   if mesh is None or mesh.shape.get(SPATIAL_AXIS, 1) == 1:
     return tree

@@ -95,8 +95,11 @@ def train_step(state: TrainState, batch: dict, rng: Array, frozen: dict, *, mode
   """One training step -> (new state, metrics). Pure; `rng` is the run's root key (folded with the step).
 
   `mesh` (the jit's, or None): the images per device of an image batch (`micro_batches`); on a mesh that splits
-  both the parameters and the height, the parameters are gathered for the compute (`sharding.params_at_use`, a
-  workaround for an XLA partitioner bug).
+  both the parameters and the height, the parameters are gathered for the compute, a workaround for an XLA
+  partitioner bug: the autoencoders' (the CV-VAE, the frozen image VAE) by their layers where each kernel is used
+  (their `activation_sharding`, `partitioning.gather_at_use`: under remat a unit gathers its kernels again in the
+  backward pass rather than keeping a copy), the discriminator's and LPIPS's whole at the start
+  (`sharding.params_at_use`).
 
   `update` is static: the loop calls the generator and discriminator variants on alternate steps (two compiled
   programs; a traced `lax.cond` between them ran 2x slower than both updates together on XLA's CPU backend).
@@ -109,11 +112,10 @@ def train_step(state: TrainState, batch: dict, rng: Array, frozen: dict, *, mode
   step = state.step
   metrics, finite = {}, jnp.array(True)
   at_use = lambda tree: sharding.params_at_use(tree, mesh)
-  frozen = at_use(frozen)
+  frozen = {name: tree if name == "image_vae" else at_use(tree) for name, tree in frozen.items()}
 
   if update in (Update.GENERATOR, Update.BOTH):
-    loss_fn = lambda p, xi, ri: generator_objective(at_use(p), at_use(state.disc_params), frozen, xi, ri, step,
-                                                     models)
+    loss_fn = lambda p, xi, ri: generator_objective(p, at_use(state.disc_params), frozen, xi, ri, step, models)
     loss, g_metrics, grads = _accumulated_grads(loss_fn, state.params, x, rng_g, accum, models.accum_loop)
     params, opt_state, g_finite = _guarded_update(models.tx, grads, state.opt_state, state.params, loss)
     ema = state.ema_params
@@ -126,8 +128,7 @@ def train_step(state: TrainState, batch: dict, rng: Array, frozen: dict, *, mode
     finite &= g_finite
 
   if update in (Update.DISCRIMINATOR, Update.BOTH):
-    loss_fn = lambda p, xi, ri: discriminator_objective(at_use(p), at_use(state.params["vae"]), xi, ri, step,
-                                                         models)
+    loss_fn = lambda p, xi, ri: discriminator_objective(at_use(p), state.params["vae"], xi, ri, step, models)
     loss, d_metrics, grads = _accumulated_grads(loss_fn, state.disc_params, x, rng_d, accum, models.accum_loop)
     disc_params, disc_opt_state, d_finite = _guarded_update(models.disc_tx, grads, state.disc_opt_state,
                                                             state.disc_params, loss)
