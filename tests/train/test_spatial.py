@@ -170,6 +170,28 @@ def test_params_at_use_gives_the_unsplit_input_gradient():
     assert sharding.params_at_use(k1, sharding.make_mesh(cfg)) is k1
 
 
+@pytest.mark.slow
+def test_kernels_are_gathered_where_used_and_again_in_the_recomputed_backward():
+  """On a spatial mesh the autoencoder's kernels (split over `fsdp x spatial`) are gathered by the layers that use
+  them (`partitioning.gather_at_use`): under `remat="full"` each unit gathers its kernels again for its recomputed
+  forward in the backward pass (more all-gathers than without remat, where each is gathered once and kept)."""
+  _need_8_devices()
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "spatial": 4}, devices=jax.devices()[:4])
+  x = sharding.shard_host_batch({"video": helpers.tiny_input((1, 5, *SIZE, 3), seed=5)}, mesh)["video"]
+  gathers = {}
+  for remat in ("none", "full"):
+    vae = CVVAE(block_out_channels=(32,) * 4, layers_per_block=1, conv_impl="xla", upsample_impl="xla", remat=remat,
+                activation_sharding=sharding.activation_sharding(mesh))
+    params = jax.jit(vae.init)(jax.random.PRNGKey(0), jnp.zeros((1, 1, 8, 8, 3)))["params"]
+    shardings = sharding.param_shardings(params, mesh)
+    assert shardings["decoder"]["up_0"]["res_0"]["conv1"]["kernel"].spec != P()  # split: the gathers are needed
+    params = jax.device_put(params, shardings)
+    loss = lambda p, x, vae=vae: jnp.mean(jnp.abs(vae.apply({"params": p}, x)[0] - x))
+    hlo = jax.jit(jax.grad(loss)).lower(params, x).compile().as_text()
+    gathers[remat] = len(re.findall(r"= f32\[3,3,3,32,32\]\S* all-gather\(", hlo))
+  assert 0 < gathers["none"] < gathers["full"], gathers
+
+
 def test_spatial_sizes_are_checked_per_level():
   _need_8_devices()
   mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "spatial": 4})
