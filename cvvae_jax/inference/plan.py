@@ -173,7 +173,8 @@ def add_tiling_arguments(parser: argparse.ArgumentParser, aliases: Mapping[str, 
   """--tiling, --tile, --chunk, --overlap with the defaults of `TilingConfig` (see `TilingConfig.from_options`);
   `aliases` adds older names of a flag. `follow_model`: the sizes default to None (`from_options`: the default, in
   ORIGINAL mode the model's) instead of the TILED numbers."""
-  parser.add_argument("--tiling", *aliases.get("--tiling", ()), default=DEFAULT.mode.value, choices=[m.value for m in Mode],
+  parser.add_argument("--tiling", *aliases.get("--tiling", ()), default=DEFAULT.mode.value,
+                      choices=[m.value for m in Mode],
                       help="chunking/tiling mode: tiled (ours), original (the original code's), exact (no splits)")
   model = "; original mode: the model's config.json" if follow_model else ""
   parser.add_argument("--tile", type=int, default=None if follow_model else DEFAULT.tile_size,

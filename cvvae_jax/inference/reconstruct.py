@@ -31,7 +31,8 @@ def parser():
   p.add_argument("--input", required=True, help="input video file")
   p.add_argument("--out", "--output", required=True, help="output .mp4")
   cli.add_clip_arguments(p, frames=None, stride=1, resolution=None, multiple=8,
-                         resolution_help="the video's size cropped to multiples of 8", aliases={"--resolution": ("--size",)})
+                         resolution_help="the video's size cropped to multiples of 8",
+                         aliases={"--resolution": ("--size",)})
   plan.add_tiling_arguments(p, aliases={"--tiling": ("--mode",)}, follow_model=True)
   cli.add_dtype_argument(p)
   cli.add_conv_impl_argument(p)
