@@ -99,8 +99,9 @@ def build_models(config: ml_collections.ConfigDict, image_vae: ImageVAE | None,
   return Models(
       vae=vae, disc=PatchDiscriminator3D(**config.discriminator, dtype=dtype, conv_impl=config.train.conv_impl,
                                          remat=remat),
-      image_vae=(image_vae.clone(dtype=dtype, remat=remat, **impls) if image_vae is not None and isinstance(vae, CVVAE)
-                 else None),
+      # The frozen image VAE: the same units recomputed, no parameter gradients (`remat.frozen`).
+      image_vae=(image_vae.clone(dtype=dtype, remat=remat_lib.frozen(remat), **impls)
+                 if image_vae is not None and isinstance(vae, CVVAE) else None),
       weights=weights, tx=optim.make_generator_optimizer(config.optim, g_only),
       disc_tx=optim.make_discriminator_optimizer(config.optim, g_only),
       lr_schedule=optim.generator_lr_schedule(config.optim),

@@ -50,7 +50,8 @@ def generator_objective(params, disc_params, frozen, x: Array, rng: Array, step:
       perceptual = losses.frame_subset_perceptual(perceptual, jax.random.fold_in(rng, 1), x.shape[1],
                                                   w.perceptual_frames)
   nll_of = lambda xh, logvar: losses.reconstruction_nll(x, xh, logvar, perceptual, w.perceptual_weight)
-  gan_of = lambda xh: losses.generator_adversarial_loss(models.disc.apply({"params": disc_params}, xh))
+  disc = models.disc.clone(remat=remat_lib.frozen(models.disc.remat))  # its parameters get no gradient here
+  gan_of = lambda xh: losses.generator_adversarial_loss(disc.apply({"params": disc_params}, xh))
   # The loss networks on the reconstruction (L1 + LPIPS; the discriminator from disc_start on) run once, with their
   # gradients w.r.t. it, in the forward pass (`losses.with_gradient` sends those back through the decoder): the
   # adaptive weight reuses the same gradients instead of differentiating the networks a second time.
