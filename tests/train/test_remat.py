@@ -57,9 +57,15 @@ def test_every_remat_policy_gives_the_losses_and_gradients_of_none(image_vae_dir
                                                                ((*d[0], d[1]), (*d_ref[0], d_ref[1]))):
     np.testing.assert_allclose(value, value_ref, rtol=1e-5)
     for key in aux_ref:
-      np.testing.assert_allclose(aux[key], aux_ref[key], rtol=1e-5, atol=1e-7, err_msg=key)
+      # The adaptive weight is a ratio of two gradient norms, the GAN one ~300x the smaller: its float noise (and
+      # the weighted GAN term's) reaches 1.1e-5 relative when XLA fuses the backward differently (below).
+      rtol = 1e-4 if key in ("scalars/d_weight", "weighted/g") else 1e-5
+      np.testing.assert_allclose(aux[key], aux_ref[key], rtol=rtol, atol=1e-7, err_msg=key)
     assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(grads_ref)
-    _assert_close_to_scale(grads, grads_ref, 1e-5)
+    # 2.5e-4 measured under `full`: XLA:CPU's YNN fusions (jaxlib 0.10's default) fuse some convolutions of the
+    # ordered backward (`remat._after`) and round differently; with `--xla_cpu_experimental_ynn_fusion_type=` the
+    # same programs agree to 1.1e-5. A unit's gradient lost or doubled is an error of order 1.
+    _assert_close_to_scale(grads, grads_ref, 1e-3)
   assert float(g_ref[0][1]["rec/perceptual"]) > 0 and "loss/reg_decoder" in g_ref[0][1]
 
 
